@@ -1,0 +1,105 @@
+"""The MTP coefficient lambda_t: the paper's Optimal Coefficient Calibration (OCC).
+
+One step's improvement of the RL objective J under the update
+theta <- theta + eta * (g_RL + lambda * g_MTP), for an L-smooth J, has the MTP-dependent part
+
+    Delta_MTP(lambda) = eta * lambda * (1 - L*eta) * c  -  (L * eta^2 * lambda^2 / 2) * v2,
+    c = <g_RL, g_MTP>,   v2 = ||g_MTP||^2   (on the parameters both losses share),
+
+maximised at lambda* proportional to c / v2. OCC replaces the gradients by a log-probability
+proxy computed from the current mini-batch at no extra cost (see `occ_coefficient`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Estimator = Callable[..., torch.Tensor]
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str):
+    def deco(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def proxy_terms(logp_main, logp_mtp, logp_old, mask):
+    """(c_hat, v2_hat) of the paper's proxy, summed over the response mask, in float64."""
+    m = mask.to(torch.float64)
+    d_rl = (logp_main.detach().to(torch.float64) - logp_old.to(torch.float64)) * m
+    d_mtp = (logp_mtp.detach().to(torch.float64) - logp_old.to(torch.float64)) * m
+    return (d_rl * d_mtp).sum(), (d_mtp * d_mtp).sum()
+
+
+@torch.no_grad()
+def occ_coefficient(
+    logp_main: torch.Tensor,
+    logp_mtp: torch.Tensor,
+    logp_old: torch.Tensor,
+    mask: torch.Tensor,
+    lambda_plus: float = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """OCC's lambda_t from one mini-batch (the paper's estimator).
+
+        d_rl  = logp_main - logp_old,    d_mtp = logp_mtp - logp_old      (per response token)
+        c_hat = sum(mask * d_rl * d_mtp),  v2_hat = sum(mask * d_mtp^2)
+        lambda_t = lambda_plus * c_hat / (v2_hat + eps)
+
+    All tensors are [batch, response_len]; `logp_main` and `logp_mtp` are log-probs of the
+    sampled tokens under the current main head and the (aligned) MTP head, `logp_old` under the
+    rollout policy. Computed without gradient, in float64; returns a 0-dim float32 tensor. The
+    result may be negative (the MTP head moves against the policy's update), and is finite for
+    every finite input: v2_hat >= 0 and eps > 0 (non-finite log-probs in masked-out positions are
+    ignored).
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (logp_main.shape == logp_mtp.shape == logp_old.shape == mask.shape):
+        raise ValueError(
+            f"shapes differ: logp_main {tuple(logp_main.shape)}, logp_mtp {tuple(logp_mtp.shape)}, "
+            f"logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)}"
+        )
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=logp_main.dtype, device=logp_main.device)
+    c_hat, v2_hat = proxy_terms(
+        torch.where(keep, logp_main, zero), torch.where(keep, logp_mtp, zero), torch.where(keep, logp_old, zero), keep
+    )
+    return (lambda_plus * c_hat / (v2_hat + eps)).to(torch.float32)
+
+
+@register_estimator("paper")
+def _paper(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **_):
+    return occ_coefficient(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps)
+
+
+class CoefficientState:
+    """Optional post-processing of the raw estimate (both off in the paper): an exponential
+    moving average (`ema` in [0, 1)) and a clip of |lambda| (`clip`). Its state is part of a
+    checkpoint."""
+
+    def __init__(self, ema: float = 0.0, clip: float | None = None):
+        self.ema = ema
+        self.clip = clip
+        self.value: float | None = None
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        lam = raw
+        if self.ema > 0:
+            prev = lam if self.value is None else torch.as_tensor(self.value, dtype=lam.dtype)
+            lam = self.ema * prev + (1 - self.ema) * lam
+            self.value = float(lam)
+        if self.clip is not None:
+            lam = lam.clamp(-self.clip, self.clip)
+        return lam
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("value")

@@ -1,0 +1,87 @@
+"""Policy losses (registry) and loss aggregation.
+
+A policy loss maps per-token log-probs under the current head, the rollout policy's log-probs,
+advantages and the response mask to a scalar loss (to minimise) plus metrics. The MTP regimes
+`policy` and `occ` put the MTP head's log-probs through the SAME function as the main head's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str):
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, how: str, num_tokens: float | None = None) -> torch.Tensor:
+    """token_mean: sum over all tokens / number of tokens (DAPO); `num_tokens` overrides the
+    denominator (a global count when a batch is split into micro-batches or across ranks).
+    seq_mean_token_mean: mean over sequences of per-sequence token means (GRPO).
+    seq_mean_token_sum: mean over sequences of per-sequence token sums (Dr. GRPO)."""
+    m = mask.to(loss_tok.dtype)
+    if how == "token_mean":
+        denom = m.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0)
+        return (loss_tok * m).sum() / denom
+    if how == "seq_mean_token_mean":
+        return ((loss_tok * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if how == "seq_mean_token_sum":
+        return (loss_tok * m).sum(-1).mean()
+    raise ValueError(f"unknown loss aggregation {how!r}; choose one of {LOSS_AGGREGATIONS}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(x.dtype)
+    return float((x * m).sum() / m.sum().clamp(min=1.0))
+
+
+@register_policy_loss("clipped")
+def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="token_mean", num_tokens=None):
+    """PPO/DAPO clipped surrogate with clip-higher: per token
+    max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logp - logp_old)."""
+    log_ratio = (logp - logp_old).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    pg1 = -a * ratio
+    pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(pg1, pg2)
+    loss = aggregate(loss_tok, mask, agg, num_tokens)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
+            "approx_kl": _masked_mean(0.5 * log_ratio.pow(2), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+
+@register_policy_loss("gspo")
+def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_mean_token_mean", num_tokens=None):
+    """GSPO: sequence-level ratio s = exp(mean_t(logp - logp_old)), clipped, with the per-token
+    gradient of s_i routed through each token (token ratio = sg(s) * exp(logp - sg(logp)))."""
+    m = mask.to(logp.dtype)
+    seq_log_ratio = ((logp - logp_old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    log_s = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()
+    ratio = torch.exp(log_s.clamp(-20.0, 20.0))
+    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    pg1 = -a * ratio
+    pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(pg1, pg2)
+    loss = aggregate(loss_tok, mask, agg, num_tokens)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
+            "approx_kl": float(0.5 * seq_log_ratio.pow(2).mean()),
+            "ratio_mean": _masked_mean(ratio, mask),
+        }
+    return loss, metrics

@@ -1,0 +1,263 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+`conf/config.yaml` extends the `base_config` schema below, so every YAML file in every group is
+merged into a typed, struct-mode DictConfig: an unknown key or a wrong type is an error naming
+the key, and an unknown group option is Hydra's error listing the available options.
+`validate(cfg)` then checks ranges and cross-field rules before any long work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message says which key and what to do."""
+
+
+@dataclass
+class TinyArch:
+    """Qwen2 architecture of the in-code tiny model (ignored for HF checkpoints)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 32
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of the tiny model (next-token + MTP cross-entropy), cached by config."""
+
+    enabled: bool = True
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    mtp_weight: float = 0.3  # DeepSeek-V3's MTP loss weight during (pre)training
+    flaw_rate: float = 0.35  # share of demonstrations that are honest failed attempts
+    eval_problems: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # HF checkpoint (hub id or local folder); null builds the tiny model in code.
+    path: Optional[str] = None
+    num_mtp_layers: int = 1  # K: depth k predicts token t+k+1
+    dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    mtp_warmup_steps: int = 0  # detached MTP CE steps for fresh heads on real checkpoints
+    arch: TinyArch = field(default_factory=TinyArch)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class RegimeConfig:
+    """How the MTP term enters the loss. See occ_exp.algo.regimes for the registered regimes."""
+
+    name: str = "occ"
+    coef: float = 0.1  # fixed lambda (detach, ce, policy)
+    lambda_plus: float = 1.0  # occ: lambda_t = lambda_plus * c_hat / (v2_hat + eps)
+    eps: float = 1e-8
+    estimator: str = "paper"  # occ estimator variant (see occ_exp.algo.coefficient)
+    ema: float = 0.0  # occ: EMA smoothing of lambda_t (0 = off, the paper)
+    clip: Optional[float] = None  # occ: clip |lambda_t| (null = off, the paper)
+    head_ce: float = 0.0  # add detached head CE on top (keeps heads alive under occ/policy)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "dapo"
+    advantage: str = "grpo"  # registry in occ_exp.algo.advantages
+    policy_loss: str = "clipped"  # registry in occ_exp.algo.policy_loss
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum
+    group_size: int = 16  # G samples per prompt
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    adv_eps: float = 1e-6
+    num_mini_batches: int = 4  # optimiser steps per rollout batch
+    ppo_epochs: int = 1
+    recompute_logp_old: bool = True  # learner forward for logp_old (else the sampler's log-probs)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 0  # linear warm-up in optimiser steps
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "tiny"
+    prompts_per_step: int = 16
+    # Procedural countdown task (data=tiny)
+    num_numbers: int = 4
+    max_number: int = 12
+    min_target: int = 10
+    max_target: int = 60
+    test_fraction: float = 0.1  # share of the problem space held out (by hash)
+    # File-backed data sets (e.g. data=dapo_math)
+    path: Optional[str] = None
+    prompt_template: str = "{problem}"
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    batch_size: int = 0  # sequences per generate call (0 = all at once)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl | wandb | none
+    project: str = "occ-exp"
+    entity: Optional[str] = None
+    mode: str = "offline"  # wandb mode; offline logs locally, `wandb sync` uploads later
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DiagnosticsConfig:
+    exact_every: int = 0  # exact c and v2 on the trunk every N steps (0 = off)
+    taylor_check: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 60
+    eval_every: int = 20
+    eval_before_train: bool = True
+    eval_problems: int = 256  # held-out problems per in-training evaluation (greedy)
+    final_eval_problems: int = 1000
+    save_every: int = 50
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = all cores)
+    dry_run: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = ".cache"  # warm starts and built tokenizers, shared between runs
+    data_dir: str = "data"  # benchmark / data-set JSONL files
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    run_name: str = MISSING
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Range and cross-field checks; raises ConfigError with the key and the fix."""
+    from occ_exp.algo.advantages import ADVANTAGES
+    from occ_exp.algo.coefficient import ESTIMATORS
+    from occ_exp.algo.policy_loss import LOSS_AGGREGATIONS, POLICY_LOSSES
+    from occ_exp.algo.regimes import REGIMES
+
+    if isinstance(cfg, DictConfig):
+        c = cfg
+    else:
+        c = OmegaConf.structured(cfg)
+    r, a, o, t, m = c.regime, c.algorithm, c.optimizer, c.trainer, c.model
+    _require(r.name in REGIMES, "regime.name", f"unknown regime {r.name!r}; choose one of {sorted(REGIMES)}")
+    for key in ("coef", "lambda_plus"):
+        v = r[key]
+        _require(_finite(v), f"regime.{key}", f"must be a finite number, got {v!r}")
+    _require(r.coef >= 0, "regime.coef", f"must be >= 0 (a fixed MTP coefficient), got {r.coef}")
+    _require(_finite(r.eps) and r.eps > 0, "regime.eps", f"must be > 0, got {r.eps}")
+    _require(r.estimator in ESTIMATORS, "regime.estimator", f"unknown {r.estimator!r}; choose one of {sorted(ESTIMATORS)}")
+    _require(0.0 <= r.ema < 1.0, "regime.ema", f"must be in [0, 1), got {r.ema}")
+    _require(r.clip is None or (_finite(r.clip) and r.clip > 0), "regime.clip", f"must be null or > 0, got {r.clip}")
+    _require(_finite(r.head_ce) and r.head_ce >= 0, "regime.head_ce", f"must be >= 0, got {r.head_ce}")
+
+    _require(a.advantage in ADVANTAGES, "algorithm.advantage", f"unknown {a.advantage!r}; choose one of {sorted(ADVANTAGES)}")
+    _require(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"unknown {a.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
+    _require(a.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg", f"unknown {a.loss_agg!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    _require(a.group_size >= 2, "algorithm.group_size", f"must be >= 2 (group-normalised advantages need a group), got {a.group_size}")
+    _require(a.clip_low > 0 and a.clip_high > 0, "algorithm.clip_low/clip_high", f"must be > 0, got {a.clip_low}/{a.clip_high}")
+    _require(a.clip_low < 1, "algorithm.clip_low", f"must be < 1 (ratio floor 1-clip_low), got {a.clip_low}")
+    _require(a.num_mini_batches >= 1, "algorithm.num_mini_batches", f"must be >= 1, got {a.num_mini_batches}")
+    _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    _require(a.overlong_buffer >= 0, "algorithm.overlong_buffer", f"must be >= 0, got {a.overlong_buffer}")
+
+    _require(_finite(o.lr) and o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+
+    d = c.data
+    _require(d.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1, got {d.prompts_per_step}")
+    n_seq = d.prompts_per_step * a.group_size
+    _require(
+        n_seq % a.num_mini_batches == 0 and d.prompts_per_step % a.num_mini_batches == 0,
+        "algorithm.num_mini_batches",
+        f"data.prompts_per_step={d.prompts_per_step} must be divisible by num_mini_batches={a.num_mini_batches} "
+        "(mini-batches hold whole groups)",
+    )
+    _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0, got {c.rollout.temperature}")
+    _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
+    _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {c.rollout.max_new_tokens}")
+
+    _require(m.num_mtp_layers >= 1, "model.num_mtp_layers", f"must be >= 1, got {m.num_mtp_layers}")
+    _require(0.0 <= m.warmstart.flaw_rate < 1.0, "model.warmstart.flaw_rate", f"must be in [0, 1), got {m.warmstart.flaw_rate}")
+    _require(m.arch.head_dim * m.arch.num_attention_heads > 0, "model.arch", "head_dim and heads must be > 0")
+
+    _require(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
+    _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every/save_every", "must be >= 0 (0 = off)")
+    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"choose auto, cpu or cuda; got {t.device!r}")
+    _require(c.logger.name in ("jsonl", "wandb", "none"), "logger.name", f"choose jsonl, wandb or none; got {c.logger.name!r}")
+    _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")

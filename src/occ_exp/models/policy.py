@@ -1,0 +1,147 @@
+"""Trunk + MTP heads: one forward gives logp_main and logp_mtp for every response token.
+
+The trunk is a transformers causal LM (Qwen2 architecture: the tiny model, Qwen2.5, MiMo); the
+K MTP layers live at `lm.model.mtp_layers`, so the state dict names them
+`model.mtp_layers.{i}.*` exactly as MiMo checkpoints do.
+
+Batch layout (verl's): `input_ids` [B, P+R] is a left-padded prompt of width P followed by a
+right-padded response of width R; `response_mask` [B, R] marks real response tokens.
+
+Alignment. The main head scores response token j (absolute position P+j) from the trunk hidden
+state at position P+j-1. The depth-k head scores the SAME token from its own hidden state at
+position P+j-1-k (which saw the trunk state at P+j-1-k and the embeddings of tokens up to
+P+j-1). So `logp_mtp[k-1][b, j]` and `logp_main[b, j]` are log-probs of one token under two heads,
+which is what the policy/occ regimes and the acceptance metric compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from occ_exp.models.mtp import MTPLayer, causal_padding_mask
+
+
+@dataclass
+class TrunkOutput:
+    hidden: torch.Tensor  # [B, T, H] trunk's last hidden state (after the final norm)
+    embeds: torch.Tensor  # [B, T, H] token embeddings
+    position_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, R] response tokens
+    prompt_len: int  # P
+
+
+@dataclass
+class PolicyOutput:
+    logp_main: torch.Tensor  # [B, R]
+    logp_mtp: list[torch.Tensor]  # K x [B, R]
+    logits_main: torch.Tensor  # [B, R, V] (response positions only)
+    logits_mtp: list[torch.Tensor]  # K x [B, R, V]
+    trunk: TrunkOutput
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], computed in float32 (or the input's wider dtype)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class MTPPolicy(nn.Module):
+    def __init__(self, lm: nn.Module, num_mtp_layers: int):
+        super().__init__()
+        self.lm = lm
+        cfg = lm.config
+        if not hasattr(lm.model, "mtp_layers"):
+            lm.model.mtp_layers = nn.ModuleList([MTPLayer(cfg, i) for i in range(num_mtp_layers)])
+        cfg.num_nextn_predict_layers = len(lm.model.mtp_layers)
+
+    # -- parameter groups ---------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.lm.model.mtp_layers
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.mtp_layers)
+
+    def mtp_parameters(self) -> list[nn.Parameter]:
+        return list(self.mtp_layers.parameters())
+
+    def trunk_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters shared by the RL objective and the MTP loss: everything but the MTP layers
+        (embeddings, decoder layers, final norm, LM head)."""
+        mtp = {id(p) for p in self.mtp_parameters()}
+        return [(n, p) for n, p in self.lm.named_parameters() if id(p) not in mtp]
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.trunk_named_parameters()]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_len: int,
+        *,
+        detach_trunk: bool = False,
+        detach_head: bool = False,
+        with_mtp: bool = True,
+    ) -> PolicyOutput:
+        """One pass through trunk and MTP layers (see `mtp_forward` for the detach flags)."""
+        trunk = self.trunk_forward(input_ids, attention_mask, response_len)
+        P, T = trunk.prompt_len, input_ids.shape[1]
+        logits_main = F.linear(trunk.hidden[:, P - 1 : T - 1], self.head_weight)
+        logp_main = token_logprobs(logits_main, trunk.targets)
+        logits_mtp, logp_mtp = self.mtp_forward(trunk, detach_trunk, detach_head) if with_mtp else ([], [])
+        return PolicyOutput(logp_main, logp_mtp, logits_main, logits_mtp, trunk)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.lm.get_output_embeddings().weight
+
+    def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> TrunkOutput:
+        T = input_ids.shape[1]
+        P = T - response_len
+        if P < self.num_mtp_layers + 1:
+            raise ValueError(f"prompt width {P} must exceed the number of MTP layers {self.num_mtp_layers}")
+        model = self.lm.model
+        embeds = model.embed_tokens(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return TrunkOutput(out.last_hidden_state, embeds, position_ids, attention_mask, input_ids[:, P:], P)
+
+    def mtp_forward(
+        self, trunk: TrunkOutput, detach_trunk: bool = False, detach_head: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Depth-k logits and log-probs of the response tokens, k = 1..K.
+
+        detach_trunk: the MTP path sees trunk hidden states and token embeddings detached.
+        detach_head:  the MTP path uses the LM head's weight detached (no gradient reaches the
+                      shared head from the MTP loss).
+        """
+        T = trunk.hidden.shape[1]
+        P = trunk.prompt_len
+        h_prev = trunk.hidden.detach() if detach_trunk else trunk.hidden
+        emb = trunk.embeds.detach() if detach_trunk else trunk.embeds
+        w = self.head_weight.detach() if detach_head else self.head_weight
+        valid = trunk.attention_mask.bool()
+        rotary = self.lm.model.rotary_emb
+        logits_all, logp_all = [], []
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            L = T - k  # positions 0..T-1-k hold (h^{k-1}_i, emb(t_{i+k}))
+            rope = rotary(h_prev, trunk.position_ids[:, :L])
+            h_k = layer(h_prev[:, :L], emb[:, k : k + L], causal_padding_mask(valid[:, :L]), rope)
+            logits = F.linear(h_k[:, P - 1 - k : T - 1 - k], w)
+            logits_all.append(logits)
+            logp_all.append(token_logprobs(logits, trunk.targets))
+            h_prev = h_k
+        return logits_all, logp_all

@@ -1,0 +1,53 @@
+"""Reward functions: texts + problems -> rewards [N] and counts for the metrics.
+
+`math` scores the extracted final answer against the gold answer with math-verify (in the
+verifier's process pool, with a per-item timeout). `countdown` (the tiny task) additionally
+requires the boxed expression to use exactly the given numbers, so boxing the target itself
+earns nothing; the value check is still math-verify's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from occ_exp.reward.verifier import Verifier, extract_answer
+
+
+class MathReward:
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2):
+        self.verifier = Verifier(num_workers=num_workers, timeout_s=timeout_s)
+
+    def _check(self, texts, problems):
+        return [True] * len(texts)
+
+    def __call__(self, texts: list[str], problems: list) -> tuple[torch.Tensor, dict]:
+        ok = self._check(texts, problems)
+        idx = [i for i, good in enumerate(ok) if good]
+        scores = [0.0] * len(texts)
+        timeouts = unparsed = 0
+        if idx:
+            res = self.verifier.score([texts[i] for i in idx], [problems[i].answer for i in idx])
+            for i, s in zip(idx, res.scores):
+                scores[i] = s
+            timeouts, unparsed = res.timeouts, res.unparsed
+        n = max(len(texts), 1)
+        stats = {
+            "reward/timeouts": timeouts,
+            "reward/unparsed": unparsed + (len(texts) - len(idx)),
+            "reward/format_ok": len(idx) / n,
+        }
+        return torch.tensor(scores, dtype=torch.float32), stats
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+class CountdownReward(MathReward):
+    def _check(self, texts, problems):
+        from occ_exp.data.tasks import CountdownTask
+
+        return [CountdownTask.uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
+
+
+def build_reward(data_cfg, timeout_s: float = 5.0):
+    return CountdownReward(timeout_s) if data_cfg.name == "tiny" else MathReward(timeout_s)

@@ -1,0 +1,106 @@
+"""The rollout interface: prompts in, G samples per prompt out, with the sampler's log-probs.
+
+Every engine (rollout=hf, rollout=vllm, ...) returns a `RolloutBatch` in the learner's layout
+(left-padded prompts of width P, right-padded responses of width R), so swapping engines touches
+no other file. `ROLLOUTS` maps `rollout.name` to a factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, P+R]
+    attention_mask: torch.Tensor  # [B, P+R]
+    response_mask: torch.Tensor  # [B, R]
+    logp_sampler: torch.Tensor  # [B, R] sampler's log-probs of the sampled tokens (0 where masked)
+    prompt_len: int  # P
+    texts: list[str]  # decoded responses (special tokens removed)
+    prompt_index: torch.Tensor  # [B] which prompt each sample answers
+    truncated: torch.Tensor  # [B] True where no EOS was produced within max_new_tokens
+    stats: dict = field(default_factory=dict)
+    # filled in by the trainer after the rollout
+    rewards: torch.Tensor | None = None  # [B]
+    advantages: torch.Tensor | None = None  # [B]
+    logp_old: torch.Tensor | None = None  # [B, R]
+
+    _ROWS = ("input_ids", "attention_mask", "response_mask", "logp_sampler", "prompt_index", "truncated",
+             "rewards", "advantages", "logp_old")
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def _replace(self, **kw) -> "RolloutBatch":
+        fields = {name: getattr(self, name) for name in self._ROWS}
+        fields.update(prompt_len=self.prompt_len, texts=self.texts, stats={})
+        fields.update(kw)
+        return RolloutBatch(**fields)
+
+    def select(self, idx: torch.Tensor) -> "RolloutBatch":
+        """Rows `idx` (e.g. one mini-batch), keeping the widths."""
+        rows = {n: (getattr(self, n)[idx] if getattr(self, n) is not None else None) for n in self._ROWS}
+        return self._replace(texts=[self.texts[i] for i in idx.tolist()], **rows)
+
+    def compact(self) -> "RolloutBatch":
+        """Drop columns that are padding in every row: leading prompt padding and trailing
+        response padding. Results are unchanged (positions come from the attention mask)."""
+        P = self.prompt_len
+        lead = int((self.attention_mask[:, :P].cumsum(-1) == 0).sum(-1).min())
+        lead = min(lead, P - 1)
+        R = max(int(self.response_mask.sum(-1).max()), 1)
+        T = P + R
+        kw = {"input_ids": self.input_ids[:, lead:T], "attention_mask": self.attention_mask[:, lead:T],
+              "prompt_len": P - lead}
+        for n in ("response_mask", "logp_sampler", "logp_old"):
+            v = getattr(self, n)
+            kw[n] = v[:, :R] if v is not None else None
+        return self._replace(**kw)
+
+    def to(self, device) -> "RolloutBatch":
+        for name in self._ROWS:
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v.to(device))
+        return self
+
+
+class Rollout(Protocol):
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> RolloutBatch: ...
+
+    def sync_weights(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ROLLOUTS: dict[str, Callable[..., Rollout]] = {}
+
+
+def register_rollout(name: str):
+    def deco(factory):
+        ROLLOUTS[name] = factory
+        return factory
+
+    return deco
+
+
+def build_rollout(cfg, policy, tokenizer, device) -> Rollout:
+    # Engines register on import; importing here keeps optional engines (vLLM) optional.
+    from occ_exp.rollout import hf  # noqa: F401
+
+    if cfg.name == "vllm":
+        from occ_exp.rollout import vllm  # noqa: F401
+    if cfg.name not in ROLLOUTS:
+        raise ValueError(f"rollout={cfg.name!r} is not available; choose one of {sorted(ROLLOUTS)}")
+    return ROLLOUTS[cfg.name](cfg, policy, tokenizer, device)
+
+
+def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS, and rows that never produced one."""
+    is_eos = tokens == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return ~after_eos, ~is_eos.any(-1)

@@ -1,0 +1,82 @@
+"""rollout=hf: sampling with Hugging Face `generate` and its KV cache, in the learner's process.
+
+The sampler shares the learner's module, so weights are always current (sync_weights is a
+no-op). Sampling is from the full distribution at `rollout.temperature` (no top-k; top-p as
+configured), and the sampler's per-token log-probs are recorded from generate's raw logits."""
+
+from __future__ import annotations
+
+import torch
+
+from occ_exp.rollout.base import RolloutBatch, register_rollout, response_mask_from_tokens
+
+
+@register_rollout("hf")
+class HFRollout:
+    def __init__(self, cfg, policy, tokenizer, device):
+        self.cfg = cfg
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    def sync_weights(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> RolloutBatch:
+        tok = self.tokenizer
+        max_new = max_new_tokens or self.cfg.max_new_tokens
+        expanded = [p for p in prompts for _ in range(n)]
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+        enc = tok(expanded, return_tensors="pt", padding=True, padding_side="left")
+        input_ids = enc["input_ids"].to(self.device)
+        attn = enc["attention_mask"].to(self.device)
+        lm = self.policy.lm
+        was_training = lm.training
+        lm.eval()
+        chunk = self.cfg.batch_size or len(expanded)
+        seqs, logps = [], []
+        for s in range(0, len(expanded), chunk):
+            out = lm.generate(
+                input_ids=input_ids[s : s + chunk],
+                attention_mask=attn[s : s + chunk],
+                do_sample=not greedy,
+                temperature=None if greedy else self.cfg.temperature,
+                top_p=None if greedy else self.cfg.top_p,
+                top_k=None,
+                max_new_tokens=max_new,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            gen = out.sequences[:, input_ids.shape[1] :]
+            logits = torch.stack(out.logits, dim=1).float()  # [b, R, V], raw (before temperature)
+            if not greedy:
+                logits = logits / self.cfg.temperature
+            lp = torch.gather(logits.log_softmax(-1), -1, gen.unsqueeze(-1)).squeeze(-1)
+            seqs.append(gen)
+            logps.append(lp)
+        if was_training:
+            lm.train()
+        R = max(g.shape[1] for g in seqs)
+        pad = tok.pad_token_id
+        gen = torch.cat([torch.nn.functional.pad(g, (0, R - g.shape[1]), value=pad) for g in seqs])
+        logp = torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in logps])
+        resp_mask, truncated = response_mask_from_tokens(gen, tok.eos_token_id)
+        gen = gen.masked_fill(~resp_mask, pad)
+        logp = logp.masked_fill(~resp_mask, 0.0)
+        texts = tok.batch_decode(gen, skip_special_tokens=True)
+        return RolloutBatch(
+            input_ids=torch.cat([input_ids, gen], dim=1),
+            attention_mask=torch.cat([attn, resp_mask.long()], dim=1),
+            response_mask=resp_mask,
+            logp_sampler=logp,
+            prompt_len=input_ids.shape[1],
+            texts=texts,
+            prompt_index=prompt_index,
+            truncated=truncated,
+        )

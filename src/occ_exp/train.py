@@ -1,0 +1,67 @@
+"""Hydra entry point: `python -m occ_exp.train [group=option ...] [key=value ...]`.
+
+    python -m occ_exp.train                                  # tiny model, regime=occ
+    python -m occ_exp.train regime=detach trainer.total_steps=200
+    python -m occ_exp.train -m regime=detach,ce,policy,occ seed=0,1
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from occ_exp.config import ConfigError, register_configs
+
+register_configs()
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _abs_paths(cfg: DictConfig) -> None:
+    """Relative paths in the config are relative to where the user launched the command."""
+    base = hydra.utils.get_original_cwd()
+    for key in ("cache_dir", "data_dir"):
+        v = cfg.paths[key]
+        if v and not os.path.isabs(v):
+            cfg.paths[key] = os.path.join(base, v)
+    if cfg.model.path and not os.path.isabs(cfg.model.path) and os.path.exists(os.path.join(base, cfg.model.path)):
+        cfg.model.path = os.path.join(base, cfg.model.path)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    from rich.console import Console
+
+    from occ_exp.trainer import train
+
+    console = Console(stderr=True)
+    _abs_paths(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.trainer.dry_run:
+            from occ_exp.plan import print_plan
+
+            print_plan(cfg, console)
+            return None
+        console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
+        summary = train(cfg, run_dir, log=lambda m: console.print(m))
+    except ConfigError as e:
+        console.print(f"[bold red]config error[/] {e}")
+        sys.exit(2)
+    console.print(
+        f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
+        f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}\n"
+        f"  metrics    {summary['metrics']}\n"
+        f"  checkpoint {summary['checkpoint']}\n"
+        f"  plots      python -m occ_exp.plot {run_dir}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

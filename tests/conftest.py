@@ -1,0 +1,52 @@
+"""Shared fixtures: Hydra composition of the real config tree, a tiny model, one cached warm start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from occ_exp.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_BENCHMARKS = ROOT.parent / "shared" / "data" / "benchmarks"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+register_configs()
+
+
+def compose_cfg(overrides: list[str] | None = None, config_name: str = "config"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One warm-start cache for the whole test session."""
+    return tmp_path_factory.mktemp("occ_cache")
+
+
+@pytest.fixture
+def smoke_overrides(cache_dir) -> list[str]:
+    return ["experiment=smoke", f"paths.cache_dir={cache_dir}", "trainer.progress=false"]
+
+
+@pytest.fixture
+def tiny_policy():
+    """A small random tiny policy with two MTP layers (fast; no warm start)."""
+    from occ_exp.models.loading import build_tiny_policy
+
+    cfg = compose_cfg(["model.num_mtp_layers=2", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
+                       "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=2",
+                       "model.arch.num_key_value_heads=2"])
+    policy, tok = build_tiny_policy(cfg.model, seed=0)
+    return policy, tok
