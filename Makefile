@@ -3,7 +3,7 @@ PY ?= python
 QUICK ?= 0
 SCALE ?= tiny
 
-.PHONY: help setup test test-all train reproduce-table1 reproduce-table2 reproduce-figure4 bench clean
+.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean
 
 help:
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,6 +16,9 @@ test: ## the test suite CI runs (CPU)
 
 train: ## the default experiment (tiny model, regime=occ)
 	$(PY) -m occ_exp.train
+
+data: ## fetch the six benchmarks and DAPO-Math-17k into data/ (needs the network and pyarrow: pip install -e '.[data]')
+	$(PY) scripts/fetch_data.py --data-dir data
 
 clean: ## remove run outputs (keeps the warm-start cache)
 	rm -rf outputs multirun

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from occ_exp.config import ConfigError
 from occ_exp.models.loading import load_policy_folder, resolve_dtype
 
 
@@ -21,18 +22,25 @@ class Env:
 
 
 def build_task(data_cfg):
+    """data=tiny: the procedural countdown task; a data config with a `path`: a JSONL file of math
+    problems (data=dapo_math), deduplicated, with `prompt_template` around each problem."""
     if data_cfg.name == "tiny":
         from occ_exp.data.tasks import CountdownTask
 
-        return CountdownTask(data_cfg.num_numbers, data_cfg.max_number, data_cfg.min_target, data_cfg.max_target,
-                             data_cfg.test_fraction)
-    raise ValueError(f"data={data_cfg.name!r} is not available in this build; choose data=tiny")
+        return CountdownTask.from_config(data_cfg)
+    if data_cfg.path:
+        from occ_exp.data.benchmarks import MathDataset
+
+        return MathDataset(data_cfg.path, data_cfg.prompt_template)
+    raise ValueError(f"data={data_cfg.name!r} has no data.path; choose data=tiny or data=dapo_math, or set data.path")
 
 
 def build(cfg, device: torch.device, log=print) -> Env:
     from occ_exp.reward.rewards import build_reward
 
     task = build_task(cfg.data)
+    if hasattr(task, "duplicates"):
+        log(f"data: {len(task)} problems from {task.path} ({task.duplicates} duplicate rows dropped)")
     reward_fn = build_reward(cfg.data)
     dtype = resolve_dtype(cfg.model.dtype, device)
     report = None
@@ -43,6 +51,9 @@ def build(cfg, device: torch.device, log=print) -> Env:
         policy, tokenizer = build_tiny_policy(cfg.model, seed=cfg.model.warmstart.seed)
         policy.to(device)
         if cfg.model.warmstart.enabled:
+            if cfg.data.name != "tiny":
+                raise ConfigError(f"model=tiny warm-starts on the countdown task, not data={cfg.data.name}; use "
+                                 "data=tiny, a checkpoint (model.path=...), or model.warmstart.enabled=false")
             report = warm_start(policy, tokenizer, task, cfg.model, cfg.data, cfg.paths.cache_dir, device,
                                 reward_fn, log=log)
         policy.to(dtype=dtype)

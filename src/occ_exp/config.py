@@ -61,6 +61,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     mtp_warmup_steps: int = 0  # detached MTP CE steps for fresh heads on real checkpoints
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (occ_exp.data.prompts)
     arch: TinyArch = field(default_factory=TinyArch)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
@@ -134,6 +135,29 @@ class RolloutConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """Which benchmarks evaluation runs on (occ_exp.data.benchmarks.BENCHMARKS), in table order."""
+
+    name: str = "tiny"
+    names: list[str] = field(default_factory=lambda: ["tiny"])
+
+
+@dataclass
+class EvalConfig:
+    """How each benchmark problem is answered and scored (occ_exp.evaluate)."""
+
+    k: int = 1  # samples per problem: avg@k, pass@k
+    temperature: float = 0.0  # 0 = greedy (needs k=1)
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+    max_problems: int = 0  # per benchmark, a fixed seeded subset (0 = all; benchmark=tiny: 1000)
+    batch_size: int = 512  # prompts per generate call (each with k samples)
+    seed: int = 0  # sampling seed (evaluation never moves the training RNG)
+    label: Optional[str] = None  # row label in the results table (default: the checkpoint's run name)
+    save_samples: bool = False  # also write <run dir>/samples.jsonl (every response, answer and score)
+
+
+@dataclass
 class LoggerConfig:
     name: str = "jsonl"  # jsonl | wandb | none
     project: str = "occ-exp"
@@ -178,6 +202,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -250,6 +276,19 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0, got {c.rollout.temperature}")
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
     _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {c.rollout.max_new_tokens}")
+
+    from occ_exp.data.benchmarks import BENCHMARKS
+
+    e = c.eval
+    unknown = [n for n in c.benchmark.names if n not in BENCHMARKS]
+    _require(not unknown, "benchmark.names", f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    _require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
+    _require(_finite(e.temperature) and e.temperature >= 0, "eval.temperature", f"must be >= 0 (0 = greedy), got {e.temperature}")
+    _require(e.temperature > 0 or e.k == 1, "eval.k",
+             f"greedy decoding (eval.temperature=0) gives {e.k} identical samples; set eval.temperature > 0 or eval.k=1")
+    _require(0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}")
+    _require(e.max_new_tokens >= 0 and e.max_problems >= 0, "eval.max_new_tokens/max_problems", "must be >= 0 (0 = default)")
+    _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
     _require(m.num_mtp_layers >= 1, "model.num_mtp_layers", f"must be >= 1, got {m.num_mtp_layers}")
     _require(0.0 <= m.warmstart.flaw_rate < 1.0, "model.warmstart.flaw_rate", f"must be in [0, 1), got {m.warmstart.flaw_rate}")

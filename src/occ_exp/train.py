@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from occ_exp.config import ConfigError, register_configs
+from occ_exp.data.benchmarks import DataError
 
 register_configs()
 
@@ -50,8 +51,8 @@ def main(cfg: DictConfig) -> dict | None:
             return None
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
-    except ConfigError as e:
-        console.print(f"[bold red]config error[/] {e}")
+    except (ConfigError, DataError) as e:
+        console.print(f"[bold red]{'config' if isinstance(e, ConfigError) else 'data'} error[/] {e}")
         sys.exit(2)
     console.print(
         f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "

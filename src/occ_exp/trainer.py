@@ -21,6 +21,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,11 @@ from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.policy_loss import POLICY_LOSSES
 from occ_exp.algo.regimes import MTPContext, get_regime, mtp_term
 from occ_exp.config import validate
+from occ_exp.data.benchmarks import load_benchmarks
+from occ_exp.data.prompts import format_prompts
 from occ_exp.diagnostics import mtp_health
+from occ_exp.evaluate import Evaluator, Scorers, eval_metrics, write_eval
+from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout.base import RolloutBatch, build_rollout
 
 
@@ -56,24 +61,43 @@ class PhaseTimer:
 
 @dataclass
 class PromptStream:
-    """Training prompts of the tiny task, drawn from a seeded RNG (its state is the data-loader
-    position a checkpoint stores)."""
+    """Training prompts, seeded and resumable (its state is the data-loader position a checkpoint
+    stores). A procedural task (data=tiny) draws each problem from a seeded RNG; a finite data set
+    (a Sequence of problems, e.g. data=dapo_math) is read in a fresh seeded order each epoch."""
 
     task: object
     seed: int
     rng: random.Random = field(init=False)
+    epoch: int = field(init=False, default=0)
+    pos: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.rng = random.Random(f"prompts-{self.seed}")
+        self._order: list[int] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            self._order = list(range(len(self.task)))
+            random.Random(f"prompts-{self.seed}-epoch-{self.epoch}").shuffle(self._order)
+        return self._order
 
     def next(self, n: int) -> list:
-        return [self.task.sample(self.rng, "train") for _ in range(n)]
+        if not isinstance(self.task, Sequence):
+            return [self.task.sample(self.rng, "train") for _ in range(n)]
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.task):
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+            out.append(self.task[self._epoch_order()[self.pos]])
+            self.pos += 1
+        return out
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(), "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
+        self.epoch, self.pos, self._order = state.get("epoch", 0), state.get("pos", 0), None
 
 
 def pick_device(name: str) -> torch.device:
@@ -200,20 +224,6 @@ def recompute_logp_old(policy, batch: RolloutBatch, chunk: int) -> torch.Tensor:
     return torch.cat(parts).masked_fill(~batch.response_mask, 0.0)
 
 
-@torch.no_grad()
-def evaluate(rollout, problems: list, reward_fn, batch_size: int = 512) -> dict:
-    """Greedy accuracy on held-out problems."""
-    scores, lengths = [], []
-    for s in range(0, len(problems), batch_size):
-        chunk = problems[s : s + batch_size]
-        b = rollout.generate([p.prompt for p in chunk], 1, greedy=True)
-        r, _ = reward_fn(b.texts, chunk)
-        scores.append(r)
-        lengths.append(b.response_mask.sum(-1).float())
-    return {"eval/accuracy": float(torch.cat(scores).mean()), "eval/response_len": float(torch.cat(lengths).mean()),
-            "eval/n": len(problems)}
-
-
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     """Run one experiment; returns the final metrics."""
@@ -233,7 +243,9 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
 
-    # 1. model, tokenizer, data, reward, rollout engine
+    # 1. evaluation sets (files checked first), model, tokenizer, data, reward, rollout engine
+    eval_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.eval_problems)
+    final_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.final_eval_problems)
     env = builders.build(cfg, device, log=log)
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     regime = get_regime(cfg.regime.name)
@@ -241,7 +253,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     optimizer, scheduler = build_optimizer(cfg.optimizer, policy, regime)
     coef_states = [CoefficientState(cfg.regime.ema, cfg.regime.clip) for _ in range(policy.num_mtp_layers)]
     prompts = PromptStream(task, cfg.seed)
-    eval_problems = task.problems(t.eval_problems, seed=10_000, split="test")
+    evaluator = Evaluator(rollout, tokenizer, cfg.eval, cfg.model.chat_template, Scorers({reward_kind(cfg.data): reward_fn}))
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # 2. resume
@@ -259,14 +271,13 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         return save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last)
 
     if t.eval_before_train and start == 0:
-        tracker.log(evaluate(rollout, eval_problems, reward_fn), step=0)
+        tracker.log(eval_metrics(evaluator.run(eval_sets)), step=0)
 
     # 3. the loop
     from tqdm import tqdm
 
     bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not t.progress,
                initial=start, total=t.total_steps, mininterval=1.0)
-    final_problems = task.problems(t.final_eval_problems, seed=20_000, split="test")
     last: dict = {}
     last_ckpt = ckpt
     for step in bar:
@@ -274,7 +285,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         t_step = time.perf_counter()
         with timer("rollout"):
             problems = prompts.next(cfg.data.prompts_per_step)
-            batch = rollout.generate([p.prompt for p in problems], a.group_size)
+            batch = rollout.generate(format_prompts(problems, tokenizer, cfg.model.chat_template), a.group_size)
         with timer("reward"):
             sample_problems = [problems[i] for i in batch.prompt_index.tolist()]
             rewards, rstats = reward_fn(batch.texts, sample_problems)
@@ -304,13 +315,15 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
         })
         is_last = step == t.total_steps
-        if is_last:  # the final evaluation, on a larger held-out set
+        if is_last:  # the final evaluation, on larger held-out sets; also <run dir>/eval.json
             with timer("eval"):
-                metrics.update(evaluate(rollout, final_problems, reward_fn))
+                result = evaluator.run(final_sets)
+                write_eval({"label": cfg.run_name, "model": str(run_dir), "step": step, **result}, run_dir)
+                metrics.update(eval_metrics(result))
                 metrics["eval/final"] = 1
         elif t.eval_every and step % t.eval_every == 0:
             with timer("eval"):
-                metrics.update(evaluate(rollout, eval_problems, reward_fn))
+                metrics.update(eval_metrics(evaluator.run(eval_sets)))
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics.update(timer.metrics())
         tracker.log(metrics, step=step)
@@ -327,6 +340,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
                "run_dir": str(run_dir)}
     tracker.summary(summary)
     tracker.close()
+    evaluator.close()
     rollout.close()
     reward_fn.close()
     return summary

@@ -136,6 +136,12 @@ class CountdownTask:
         self.max_target = max_target
         self.test_fraction = test_fraction
 
+    @classmethod
+    def from_config(cls, data_cfg) -> "CountdownTask":
+        """The task of a data config (data=tiny's fields; defaults under other data options)."""
+        return cls(data_cfg.num_numbers, data_cfg.max_number, data_cfg.min_target, data_cfg.max_target,
+                   data_cfg.test_fraction)
+
     # -- problems ---------------------------------------------------------------------------
     @staticmethod
     def prompt_text(numbers: tuple[int, ...], target: int) -> str:

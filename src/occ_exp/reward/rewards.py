@@ -14,8 +14,10 @@ from occ_exp.reward.verifier import Verifier, extract_answer
 
 
 class MathReward:
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2):
-        self.verifier = Verifier(num_workers=num_workers, timeout_s=timeout_s)
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, verifier: Verifier | None = None):
+        """`verifier`: share another reward's worker pool (this reward then leaves closing it to its owner)."""
+        self._owns_verifier = verifier is None
+        self.verifier = verifier or Verifier(num_workers=num_workers, timeout_s=timeout_s)
 
     def _check(self, texts, problems):
         return [True] * len(texts)
@@ -39,7 +41,8 @@ class MathReward:
         return torch.tensor(scores, dtype=torch.float32), stats
 
     def close(self) -> None:
-        self.verifier.close()
+        if self._owns_verifier:
+            self.verifier.close()
 
 
 class CountdownReward(MathReward):
@@ -49,5 +52,13 @@ class CountdownReward(MathReward):
         return [CountdownTask.uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
 
 
+REWARDS = {"math": MathReward, "countdown": CountdownReward}
+
+
+def reward_kind(data_cfg) -> str:
+    """Which reward scores a training data set: the countdown check for data=tiny, math otherwise."""
+    return "countdown" if data_cfg.name == "tiny" else "math"
+
+
 def build_reward(data_cfg, timeout_s: float = 5.0):
-    return CountdownReward(timeout_s) if data_cfg.name == "tiny" else MathReward(timeout_s)
+    return REWARDS[reward_kind(data_cfg)](timeout_s)

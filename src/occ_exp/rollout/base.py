@@ -2,10 +2,13 @@
 
 Every engine (rollout=hf, rollout=vllm, ...) returns a `RolloutBatch` in the learner's layout
 (left-padded prompts of width P, right-padded responses of width R), so swapping engines touches
-no other file. `ROLLOUTS` maps `rollout.name` to a factory."""
+no other file. `ROLLOUTS` maps `rollout.name` to a factory. Engines read their sampling settings
+(temperature, top_p, max_new_tokens) from `self.cfg` at each `generate` call, so `sampling(...)`
+can change them for a while (evaluation samples at its own settings)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -86,6 +89,20 @@ def register_rollout(name: str):
         return factory
 
     return deco
+
+
+@contextlib.contextmanager
+def sampling(rollout, **overrides):
+    """Within the block, `rollout` samples with `overrides` (e.g. temperature=0.6, max_new_tokens=...)
+    on top of its config; the config is restored afterwards."""
+    from omegaconf import OmegaConf
+
+    old = rollout.cfg
+    rollout.cfg = OmegaConf.merge(old, overrides)
+    try:
+        yield rollout
+    finally:
+        rollout.cfg = old
 
 
 def build_rollout(cfg, policy, tokenizer, device) -> Rollout:
