@@ -40,13 +40,13 @@ class WarmStartConfig:
     """Supervised warm start of the tiny model (next-token + MTP cross-entropy), cached by config."""
 
     enabled: bool = True
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     mtp_weight: float = 0.3  # DeepSeek-V3's MTP loss weight during (pre)training
-    flaw_rate: float = 0.35  # share of demonstrations that are honest failed attempts
+    flaw_rate: float = 0.25  # share of demonstrations that are honest failed attempts
     eval_problems: int = 500
     seed: int = 1234
 
@@ -114,10 +114,10 @@ class DataConfig:
     name: str = "tiny"
     prompts_per_step: int = 16
     # Procedural countdown task (data=tiny)
-    num_numbers: int = 4
-    max_number: int = 12
+    num_numbers: int = 3
+    max_number: int = 15
     min_target: int = 10
-    max_target: int = 60
+    max_target: int = 100
     test_fraction: float = 0.1  # share of the problem space held out (by hash)
     # File-backed data sets (e.g. data=dapo_math)
     path: Optional[str] = None

@@ -4,11 +4,10 @@ A problem gives n numbers and a target; a solution combines two remaining number
 + - * / (exact division, non-negative results), writes the sorted remaining numbers after each
 line, and ends with the whole expression in `\\boxed{...}`:
 
-    Make 24 with 3 5 7 9.
-    9-3=6 [5 6 7]
-    7-5=2 [2 6]
-    6*2=12 [12]
-    \\boxed{(9-3)*(7-5)*...}
+    Make 33 with 10 12 11.
+    12+11=23 [10 23]
+    10+23=33 [33]
+    \\boxed{10+(12+11)}
 
 Many orders and pairings solve one problem (the policy keeps real entropy), a wrong early choice
 leads to a dead end (there is a search to get better at for hundreds of RL steps), and the answer
@@ -122,8 +121,8 @@ def _walk(items: list[_Item], rng: random.Random, target: int | None) -> list[st
 class CountdownTask:
     """Problem generator, demonstration writer and task-level reward check."""
 
-    def __init__(self, num_numbers: int = 4, max_number: int = 12, min_target: int = 10,
-                 max_target: int = 60, test_fraction: float = 0.1):
+    def __init__(self, num_numbers: int = 3, max_number: int = 15, min_target: int = 10,
+                 max_target: int = 100, test_fraction: float = 0.1):
         if num_numbers < 2:
             raise ValueError(f"data.num_numbers must be >= 2, got {num_numbers}")
         if not (1 <= min_target <= max_target):
