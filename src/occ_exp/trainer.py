@@ -131,8 +131,17 @@ def mean_dict(rows: list[dict]) -> dict:
 
 
 # -- the learner phase --------------------------------------------------------------------------
-def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen) -> dict:
-    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term."""
+def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
+                   dist=None) -> dict:
+    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
+
+    Each optimiser step sees one mini-batch; under several ranks each rank holds an equal slice of
+    it, and each slice is cut into micro-batches of at most `algorithm.max_tokens_per_micro_batch`
+    tokens whose gradients accumulate (occ_exp.learner explains why the result is the same)."""
+    from occ_exp.distributed import Dist, clip_grads, grad_norm
+    from occ_exp.learner import Denominators, MetricAccumulator, estimate_coefs, split_micro_batches
+
+    dist = dist or Dist()
     a, o = cfg.algorithm, cfg.optimizer
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
@@ -143,37 +152,55 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
     policy.train()
     for _epoch in range(a.ppo_epochs):
         for idx in minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen):
-            mb = batch.select(idx).compact()
-            out = policy(mb.input_ids, mb.attention_mask, mb.response_len,
-                         detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
-            mask = mb.response_mask
-            rl_loss, pm = policy_loss(out.logp_main, mb.logp_old, mb.advantages, mask,
-                                      clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg)
-            ctx = MTPContext(out, mb.logp_old, mb.advantages, mask, cfg.regime, a, coef_states)
-            term = mtp_term(regime, ctx)
-            loss = rl_loss + term.loss
+            mb = batch.select(dist.share_of(idx))
+            micro = split_micro_batches(mb, a.max_tokens_per_micro_batch, dist)
+            split = len(micro) > 1 or dist.world_size > 1
+            denom = Denominators.of(mb, dist) if split else Denominators(None, None)
+            coefs = None
+            if split and regime.estimates_coef and len(micro) > 1:  # lambda before any backward
+                with torch.no_grad():
+                    outs = [policy(m.input_ids, m.attention_mask, m.response_len) for _, m in micro]
+                coefs = estimate_coefs(regime, [r for r, _ in micro], outs, [m for _, m in micro],
+                                       batch.advantages[idx], cfg, coef_states, dist)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            mtp_gnorm = _grad_norm(mtp_params)
-            trunk_gnorm = _grad_norm(trunk_params)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-            loss_v = loss.item()
-            skipped = not (math.isfinite(loss_v) and math.isfinite(float(gnorm)) and all(map(math.isfinite, term.coefs)))
+            acc = MetricAccumulator()
+            for _, m in micro:
+                out = policy(m.input_ids, m.attention_mask, m.response_len,
+                             detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
+                if split and regime.estimates_coef and coefs is None:  # one micro-batch per rank
+                    coefs = estimate_coefs(regime, [micro[0][0]], [out], [m], batch.advantages[idx], cfg,
+                                           coef_states, dist)
+                mask = m.response_mask
+                rl_loss, pm = policy_loss(out.logp_main, m.logp_old, m.advantages, mask, clip_low=a.clip_low,
+                                          clip_high=a.clip_high, agg=a.loss_agg, num_tokens=denom.tokens,
+                                          num_seqs=denom.seqs)
+                ctx = MTPContext(out, m.logp_old, m.advantages, mask, cfg.regime, a, coef_states,
+                                 num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs)
+                term = mtp_term(regime, ctx)
+                loss = rl_loss + term.loss
+                loss.backward()
+                acc.add({"train/loss": loss.item(), "train/rl_loss": rl_loss.item(), "mtp/term": term.loss.item(),
+                         **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, mask)},
+                        weight=float(mask.sum()))
+            metrics = acc.reduce(dist)
+            mtp_gnorm = float(grad_norm(mtp_params, dist))
+            trunk_gnorm = float(grad_norm(trunk_params, dist))
+            gnorm = grad_norm(params, dist)
+            clip_grads(params, o.grad_clip, gnorm)
+            skipped = not (math.isfinite(metrics["train/loss"]) and math.isfinite(float(gnorm))
+                           and all(map(math.isfinite, term.coefs)))
             if skipped:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.step()
                 scheduler.step()
-            row = {
-                "train/loss": loss_v, "train/rl_loss": rl_loss.item(), "train/grad_norm": float(gnorm),
-                "train/trunk_grad_norm": trunk_gnorm, "mtp/grad_norm": mtp_gnorm, "mtp/term": term.loss.item(),
-                "train/skipped_updates": float(skipped), "train/lr": scheduler.get_last_lr()[0],
-                **{f"train/{k}": v for k, v in pm.items()},
+            rows.append({
+                **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": trunk_gnorm,
+                "mtp/grad_norm": mtp_gnorm, "train/skipped_updates": float(skipped),
+                "train/lr": scheduler.get_last_lr()[0],
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
-                **mtp_health(out, mb.logp_old, mask),
-            }
-            rows.append(row)
+            })
     metrics = mean_dict(rows)
     metrics["train/skipped_updates"] = sum(r["train/skipped_updates"] for r in rows)
     coefs = [r["mtp/coef"] for r in rows]
@@ -181,43 +208,48 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
     return metrics
 
 
-def _grad_norm(params) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
 @torch.no_grad()
-def recompute_logp_old(policy, batch: RolloutBatch, chunk: int) -> torch.Tensor:
+def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int = 0, dist=None) -> torch.Tensor:
+    """The learner's log-probs of the sampled tokens, in chunks of `chunk` rows, or in micro-batches
+    of at most `max_tokens` padded tokens (the same count on every rank)."""
+    from occ_exp.learner import micro_batch_indices, row_lengths
+
     policy.eval()
-    parts = []
-    for s in range(0, batch.input_ids.shape[0], chunk):
-        idx = torch.arange(s, min(s + chunk, batch.input_ids.shape[0]))
-        mb = batch.select(idx)
+    B = batch.input_ids.shape[0]
+    parts = (micro_batch_indices(row_lengths(batch), max_tokens, dist) if max_tokens
+             else [torch.arange(s, min(s + chunk, B)) for s in range(0, B, chunk)])
+    logp = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for idx in parts:
+        mb = batch.select(idx).compact() if max_tokens else batch.select(idx)
         out = policy(mb.input_ids, mb.attention_mask, mb.response_len, with_mtp=False)
-        parts.append(out.logp_main)
-    return torch.cat(parts).masked_fill(~batch.response_mask, 0.0)
+        logp[idx, : mb.response_len] = out.logp_main.float()
+    return logp.masked_fill(~batch.response_mask, 0.0)
 
 
 @torch.no_grad()
-def evaluate(rollout, problems: list, reward_fn, batch_size: int = 512) -> dict:
-    """Greedy accuracy on held-out problems."""
-    scores, lengths = [], []
-    for s in range(0, len(problems), batch_size):
-        chunk = problems[s : s + batch_size]
+def evaluate(rollout, problems: list, reward_fn, batch_size: int = 512, dist=None) -> dict:
+    """Greedy accuracy on held-out problems (under several ranks each rank takes every
+    world_size-th problem, and the sums are reduced)."""
+    from occ_exp.distributed import Dist
+
+    dist = dist or Dist()
+    mine = problems[dist.rank :: dist.world_size]
+    score, length = 0.0, 0.0
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s : s + batch_size]
         b = rollout.generate([p.prompt for p in chunk], 1, greedy=True)
         r, _ = reward_fn(b.texts, chunk)
-        scores.append(r)
-        lengths.append(b.response_mask.sum(-1).float())
-    return {"eval/accuracy": float(torch.cat(scores).mean()), "eval/response_len": float(torch.cat(lengths).mean()),
-            "eval/n": len(problems)}
+        score += float(r.sum())
+        length += float(b.response_mask.sum())
+    n = len(problems)
+    return {"eval/accuracy": dist.sum(score) / max(n, 1), "eval/response_len": dist.sum(length) / max(n, 1), "eval/n": n}
 
 
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     """Run one experiment; returns the final metrics."""
     from occ_exp import builders
+    from occ_exp import distributed as D
     from occ_exp.checkpoint import latest_complete, load_trainer_state, rng_state, save_checkpoint, set_rng_state
     from occ_exp.tracking import Tracker
 
@@ -228,16 +260,26 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     if cfg.regime.name == "occ" and a.num_mini_batches * a.ppo_epochs == 1:
         warnings.warn("regime=occ with a single update per rollout batch: logp_main == logp_old on it, so c_hat "
                       "and lambda_t are always 0. Use algorithm.num_mini_batches >= 2 (the paper uses 4).")
-    device = pick_device(t.device)
+    dist = D.init_distributed(cfg.distributed, t.device)  # no process group outside torchrun / Slurm
+    device = dist.device
+    log = log if dist.is_main else (lambda *_: None)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
 
     # 1. model, tokenizer, data, reward, rollout engine
-    env = builders.build(cfg, device, log=log)
+    with dist.main_first():  # rank 0 fills the warm-start cache, the others read it
+        env = builders.build(cfg, device, log=log)
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
+    D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
+    policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
+    if dist.world_size > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # independent samples on each rank
     regime = get_regime(cfg.regime.name)
     rollout = build_rollout(cfg.rollout, policy, tokenizer, device)
+    # rollout=hf generates with the learner's own (sharded) module: gather it first
+    generating = (lambda: D.full_params(policy, dist)) if getattr(rollout, "shares_learner_weights", False) \
+        else contextlib.nullcontext
     optimizer, scheduler = build_optimizer(cfg.optimizer, policy, regime)
     coef_states = [CoefficientState(cfg.regime.ema, cfg.regime.clip) for _ in range(policy.num_mtp_layers)]
     prompts = PromptStream(task, cfg.seed)
@@ -248,23 +290,35 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     start = 0
     ckpt = latest_complete(run_dir) if t.resume == "auto" else (Path(t.resume) if t.resume != "never" else None)
     if ckpt is not None:
-        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device)
+        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=dist)
         log(f"resumed from {ckpt} at step {start}")
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
+    tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
+                      OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
 
     def checkpoint(step: int) -> Path:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "generator": gen.get_state(), "prompts": prompts.state_dict(),
-                 "coef_states": [c.state_dict() for c in coef_states]}
-        return save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last)
+        state = {"step": step, "optimizer": D.optimizer_state_dict(policy, optimizer, dist),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "generator": gen.get_state(),
+                 "prompts": prompts.state_dict(), "coef_states": [c.state_dict() for c in coef_states],
+                 **D.extra_trainer_state(dist)}
+        model_sd = D.full_model_state_dict(policy, dist)  # collective; None without a process group
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last,
+                                   model_state_dict=model_sd)
+        dist.barrier()
+        return path
+
+    def run_eval(problems: list) -> dict:
+        with generating():
+            return evaluate(rollout, problems, reward_fn, dist=dist)
 
     if t.eval_before_train and start == 0:
-        tracker.log(evaluate(rollout, eval_problems, reward_fn), step=0)
+        tracker.log(run_eval(eval_problems), step=0)
 
     # 3. the loop
     from tqdm import tqdm
 
-    bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not t.progress,
+    bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not (t.progress and dist.is_main),
                initial=start, total=t.total_steps, mininterval=1.0)
     final_problems = task.problems(t.final_eval_problems, seed=20_000, split="test")
     last: dict = {}
@@ -273,8 +327,9 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         timer = PhaseTimer()
         t_step = time.perf_counter()
         with timer("rollout"):
-            problems = prompts.next(cfg.data.prompts_per_step)
-            batch = rollout.generate([p.prompt for p in problems], a.group_size)
+            problems = dist.shard(prompts.next(cfg.data.prompts_per_step))  # this rank's share (all of them)
+            with generating():
+                batch = rollout.generate([p.prompt for p in problems], a.group_size)
         with timer("reward"):
             sample_problems = [problems[i] for i in batch.prompt_index.tolist()]
             rewards, rstats = reward_fn(batch.texts, sample_problems)
@@ -285,14 +340,19 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             batch.advantages = ADVANTAGES[a.advantage](shaped, a.group_size, a.adv_eps)
         with timer("logp_old"):
             if a.recompute_logp_old:
-                batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches))
+                batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches),
+                                                    max_tokens=a.max_tokens_per_micro_batch, dist=dist)
                 diff = (batch.logp_old - batch.logp_sampler).abs()[batch.response_mask]
                 rstats["rollout/logp_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
                 rstats["rollout/logp_diff_max"] = float(diff.max()) if diff.numel() else 0.0
             else:
                 batch.logp_old = batch.logp_sampler
+        if dist.world_size > 1:  # every rank now holds the whole step's batch (advantages already per group)
+            with timer("gather"):
+                batch = dist.gather_rollouts(batch, len(problems))
+                rewards, lengths, rstats = batch.rewards, batch.response_mask.sum(-1), dist.mean_dict(rstats)
         with timer("update"):
-            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen)
+            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, dist)
         rollout.sync_weights()
         metrics.update(rstats)
         metrics.update({
@@ -306,11 +366,11 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         is_last = step == t.total_steps
         if is_last:  # the final evaluation, on a larger held-out set
             with timer("eval"):
-                metrics.update(evaluate(rollout, final_problems, reward_fn))
+                metrics.update(run_eval(final_problems))
                 metrics["eval/final"] = 1
         elif t.eval_every and step % t.eval_every == 0:
             with timer("eval"):
-                metrics.update(evaluate(rollout, eval_problems, reward_fn))
+                metrics.update(run_eval(eval_problems))
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics.update(timer.metrics())
         tracker.log(metrics, step=step)
@@ -329,4 +389,5 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     tracker.close()
     rollout.close()
     reward_fn.close()
+    dist.close()
     return summary
