@@ -70,7 +70,8 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
         policy.load_state_dict(loaded.state_dict())
     D.load_optimizer_state_dict(policy, optimizer, state["optimizer"], dist)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng_per_rank"][dist.rank] if "rng_per_rank" in state else state["rng"])
+    per_rank = state.get("rng_per_rank") or []  # written by sharded runs; may hold fewer ranks than now
+    set_rng_state(per_rank[dist.rank] if dist.rank < len(per_rank) else state["rng"])
     gen.set_state(state["generator"])
     prompts.load_state_dict(state["prompts"])
     for cs, s in zip(coef_states, state["coef_states"]):

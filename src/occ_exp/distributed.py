@@ -241,11 +241,15 @@ def shard_policy(policy, dist: Dist, dist_cfg):
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=None)
     kw = dict(mesh=dist.mesh, mp_policy=mp, reshard_after_forward=dist_cfg.reshard_after_forward)
     units = list(policy.lm.model.layers) + list(policy.mtp_layers)
-    for unit in units:
-        unit.to(torch.float32)  # master weights; one block at a time, then it moves and shards
+    in_units = {id(p) for u in units for p in u.parameters()}
+    with torch.no_grad():  # fp32 master weights: the root's own parameters first ...
+        for p in policy.parameters():
+            if id(p) not in in_units and p.dtype != torch.float32:
+                p.data = p.data.float()
+    for unit in units:  # ... then one block at a time, which then moves to the device and shards
+        unit.to(torch.float32)
         fully_shard(unit, **kw)
         unit._occ_reshard_after_forward = dist_cfg.reshard_after_forward
-    policy.to(torch.float32)
     fully_shard(policy, **kw)
     for m in _fsdp_modules(policy):
         m.set_gradient_divide_factor(1.0)

@@ -14,7 +14,11 @@ Why the result is the same:
     stepped once per mini-batch, as in one process.
   - Metrics: sums (losses, the proxy terms c_hat and v2_hat) are summed over parts and ranks;
     masked means (entropy, acceptance, clip fraction, ...) are averaged with token weights, which
-    is exact for token means (`MetricAccumulator`).
+    is exact for token means (`MetricAccumulator`); a sequence-mean metric (GSPO's approx_kl) is
+    token-weighted too, so it is close to, not equal to, the one-process value.
+  - Gradient norms are global (occ_exp.distributed.grad_norm); an exact <g_RL, g_MTP> over FSDP2
+    shards is the sum over ranks of the local shards' inner products (DTensor.full_tensor() or an
+    all-reduce of the local partial sums), which is what grad_norm does for ||g||^2.
 """
 
 from __future__ import annotations

@@ -39,19 +39,31 @@ from occ_exp.rollout.base import RolloutBatch, build_rollout
 
 # -- small pieces -------------------------------------------------------------------------------
 class PhaseTimer:
-    def __init__(self):
+    """Wall time per phase; on a GPU also each phase's peak allocated memory (`mem/{phase}_peak_gib`),
+    with the device synchronised at the phase's edges so that times are the phase's own."""
+
+    def __init__(self, cuda: bool = False):
         self.times: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, float] = {}
+        self.cuda = cuda
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             self.times[name] += time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
-        return {f"time/{k}_s": v for k, v in self.times.items()}
+        return {**{f"time/{k}_s": v for k, v in self.times.items()},
+                **{f"mem/{k}_peak_gib": v for k, v in self.peaks.items()}}
 
 
 @dataclass
@@ -183,9 +195,8 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                          **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, mask)},
                         weight=float(mask.sum()))
             metrics = acc.reduce(dist)
-            mtp_gnorm = float(grad_norm(mtp_params, dist))
-            trunk_gnorm = float(grad_norm(trunk_params, dist))
-            gnorm = grad_norm(params, dist)
+            mtp_gnorm, trunk_gnorm = grad_norm(mtp_params, dist), grad_norm(trunk_params, dist)
+            gnorm = torch.hypot(mtp_gnorm, trunk_gnorm)  # params = trunk + MTP layers
             clip_grads(params, o.grad_clip, gnorm)
             skipped = not (math.isfinite(metrics["train/loss"]) and math.isfinite(float(gnorm))
                            and all(map(math.isfinite, term.coefs)))
@@ -195,8 +206,8 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                 optimizer.step()
                 scheduler.step()
             rows.append({
-                **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": trunk_gnorm,
-                "mtp/grad_norm": mtp_gnorm, "train/skipped_updates": float(skipped),
+                **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": float(trunk_gnorm),
+                "mtp/grad_norm": float(mtp_gnorm), "train/skipped_updates": float(skipped),
                 "train/lr": scheduler.get_last_lr()[0],
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
@@ -273,6 +284,9 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
+    if dist.enabled:
+        log(f"learner: FSDP2 over {dist.world_size} rank(s) on {device.type}, compute dtype "
+            f"{D.compute_dtype(cfg.distributed, device)}, activation checkpointing {cfg.model.gradient_checkpointing}")
     if dist.world_size > 1:
         torch.manual_seed(cfg.seed + dist.rank)  # independent samples on each rank
     regime = get_regime(cfg.regime.name)
@@ -324,7 +338,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     last: dict = {}
     last_ckpt = ckpt
     for step in bar:
-        timer = PhaseTimer()
+        timer = PhaseTimer(cuda=device.type == "cuda")
         t_step = time.perf_counter()
         with timer("rollout"):
             problems = dist.shard(prompts.next(cfg.data.prompts_per_step))  # this rank's share (all of them)
@@ -362,6 +376,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             "reward/solve_none_frac": float((rewards.view(-1, a.group_size).max(1).values <= 0).float().mean()),
             "rollout/response_len": float(lengths.float().mean()),
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
+            "rollout/tokens": int(batch.attention_mask.sum()),  # prompt + response tokens of the step
         })
         is_last = step == t.total_steps
         if is_last:  # the final evaluation, on a larger held-out set
