@@ -55,6 +55,7 @@ def micro_batch_indices(lengths: torch.Tensor, max_tokens: int, dist=None) -> li
     than the budget is a micro-batch on its own. Under several ranks every rank gets the same
     number of micro-batches (the largest any rank needs; FSDP2's collectives need matching
     forward/backward calls): the costliest ones are halved until the counts agree."""
+    lengths = lengths.cpu()  # indices live on the CPU; they select rows of any device's tensors
     n = lengths.numel()
     if max_tokens <= 0 or n == 0:
         parts = [torch.arange(n)]
