@@ -62,16 +62,27 @@ def build(cfg, device: torch.device, log=print) -> Env:
     return Env(policy, tokenizer, task, reward_fn, report)
 
 
-def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device) -> int:
-    """Restore model, optimiser, scheduler, RNGs, data position and OCC state; returns the step."""
+def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None) -> int:
+    """Restore model, optimiser, scheduler, RNGs, data position and OCC state; returns the step.
+    Under FSDP2 (`dist.enabled`) rank 0 reads the files and the state is broadcast and sharded."""
+    from occ_exp import distributed as D
     from occ_exp.checkpoint import load_trainer_state, set_rng_state
 
-    loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config, device=device)
-    policy.load_state_dict(loaded.state_dict())
+    dist = dist or D.Dist()
     state = load_trainer_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    if dist.enabled:
+        lm_sd = None
+        if dist.is_main:
+            loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config)
+            lm_sd = loaded.lm.state_dict()
+        D.load_full_model_state_dict(policy, lm_sd, dist)
+    else:
+        loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config, device=device)
+        policy.load_state_dict(loaded.state_dict())
+    D.load_optimizer_state_dict(policy, optimizer, state["optimizer"], dist)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    per_rank = state.get("rng_per_rank") or []  # written by sharded runs; may hold fewer ranks than now
+    set_rng_state(per_rank[dist.rank] if dist.rank < len(per_rank) else state["rng"])
     gen.set_state(state["generator"])
     prompts.load_state_dict(state["prompts"])
     for cs, s in zip(coef_states, state["coef_states"]):

@@ -98,7 +98,9 @@ def latest_complete(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: dict, config_yaml: str,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, model_state_dict: dict | None = None) -> Path:
+    """`model_state_dict`: the full state dict of `policy.lm` when the policy itself is sharded
+    (FSDP2; see occ_exp.distributed.full_model_state_dict). Call on one rank only."""
     from occ_exp.models.loading import save_policy
 
     root = checkpoint_dir(run_dir)
@@ -108,7 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_policy(policy, tokenizer, tmp / "model")
+    save_policy(policy, tokenizer, tmp / "model", state_dict=model_state_dict)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     write_manifest(tmp)
@@ -137,4 +139,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    # mmap: tensors are read when touched, so ranks that do not restore the (rank-0) optimizer
+    # state never page it in
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)

@@ -96,6 +96,9 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
     overlong_penalty: float = 1.0
+    # Dynamic micro-batches: at most this many padded tokens (rows x longest row) per forward /
+    # backward, gradients accumulated over the mini-batch's micro-batches (0 = one per mini-batch).
+    max_tokens_per_micro_batch: int = 0
 
 
 @dataclass
@@ -189,6 +192,20 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """The torch.distributed learner (active under torchrun or a multi-task Slurm job; see
+    occ_exp.distributed). `nodes` and `gpus_per_node` describe the planned job: the Slurm launcher
+    and the dry-run plan read them; torchrun's environment wins when present."""
+
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on the CPU
+    mixed_precision: str = "auto"  # compute dtype of FSDP2's all-gathered params: auto (bf16 on GPU) | bf16 | fp32
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3); false = ZeRO-2
+    timeout_min: int = 30  # collective timeout
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+
+@dataclass
 class PathsConfig:
     cache_dir: str = ".cache"  # warm starts and built tokenizers, shared between runs
     data_dir: str = "data"  # benchmark / data-set JSONL files
@@ -207,6 +224,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     run_name: str = MISSING
@@ -258,6 +276,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(a.num_mini_batches >= 1, "algorithm.num_mini_batches", f"must be >= 1, got {a.num_mini_batches}")
     _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
     _require(a.overlong_buffer >= 0, "algorithm.overlong_buffer", f"must be >= 0, got {a.overlong_buffer}")
+    _require(a.max_tokens_per_micro_batch >= 0, "algorithm.max_tokens_per_micro_batch",
+             f"must be >= 0 (0 = one micro-batch per mini-batch), got {a.max_tokens_per_micro_batch}")
 
     _require(_finite(o.lr) and o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -299,4 +319,25 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"choose auto, cpu or cuda; got {t.device!r}")
     _require(c.logger.name in ("jsonl", "wandb", "none"), "logger.name", f"choose jsonl, wandb or none; got {c.logger.name!r}")
+    _validate_distributed(c)
     _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
+
+
+def _validate_distributed(c) -> None:
+    """The layout rules of the sharded learner: whole groups per rank, equal slices per mini-batch."""
+    from occ_exp.distributed import world_size_from_env
+
+    dc, a, d = c.distributed, c.algorithm, c.data
+    _require(dc.backend in ("auto", "nccl", "gloo"), "distributed.backend", f"choose auto, nccl or gloo; got {dc.backend!r}")
+    _require(dc.mixed_precision in ("auto", "bf16", "fp32"), "distributed.mixed_precision",
+             f"choose auto, bf16 or fp32; got {dc.mixed_precision!r}")
+    _require(dc.nodes >= 1 and dc.gpus_per_node >= 1, "distributed.nodes/gpus_per_node", "must be >= 1")
+    _require(dc.timeout_min >= 1, "distributed.timeout_min", f"must be >= 1, got {dc.timeout_min}")
+    world = world_size_from_env() or 1
+    _require(d.prompts_per_step % world == 0, "data.prompts_per_step",
+             f"{d.prompts_per_step} prompts do not split over {world} ranks (whole groups per rank); "
+             f"use a multiple of {world}")
+    mb_rows = d.prompts_per_step * a.group_size // a.num_mini_batches
+    _require(mb_rows % world == 0, "algorithm.num_mini_batches",
+             f"a mini-batch of {mb_rows} sequences does not split over {world} ranks; "
+             "choose prompts_per_step, group_size and num_mini_batches so that it does")

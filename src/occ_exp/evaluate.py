@@ -97,7 +97,11 @@ class Scorers:
 class Evaluator:
     """Answers every problem of each benchmark eval.k times and scores the answers."""
 
-    def __init__(self, rollout, tokenizer, eval_cfg, chat_template: bool = True, scorers: Scorers | None = None):
+    def __init__(self, rollout, tokenizer, eval_cfg, chat_template: bool = True, scorers: Scorers | None = None,
+                 dist=None):
+        """Under several ranks (`dist`), each rank answers every world_size-th problem and the
+        score matrices and counts are summed, so every rank returns the same result."""
+        self.dist = dist
         self.rollout = rollout
         self.tokenizer = tokenizer
         self.cfg = eval_cfg
@@ -135,12 +139,15 @@ class Evaluator:
         k, bs = self.cfg.k, self.cfg.batch_size
         reward = self.scorers[bench.reward]
         problems = bench.problems
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        mine = list(range(rank, len(problems), world))
         scores = np.zeros((len(problems), k))
         lengths, truncated = [], []
         unparsed = timeouts = 0
         t0 = time.perf_counter()
-        for start in range(0, len(problems), bs):
-            chunk = problems[start : start + bs]
+        for start in range(0, len(mine), bs):
+            rows = mine[start : start + bs]
+            chunk = [problems[i] for i in rows]
             batch = self.rollout.generate(format_prompts(chunk, self.tokenizer, self.chat_template), k, greedy=greedy)
             owner = batch.prompt_index.tolist()
             r, stats = reward(batch.texts, [chunk[i] for i in owner])
@@ -150,19 +157,26 @@ class Evaluator:
             truncated += batch.truncated.tolist()
             slot = [0] * len(chunk)
             for row, (i, score) in enumerate(zip(owner, r.tolist())):
-                scores[start + i, slot[i]] = score
+                scores[rows[i], slot[i]] = score
                 if samples is not None:
-                    samples.write(json.dumps({"benchmark": bench.name, "problem": start + i, "sample": slot[i],
+                    samples.write(json.dumps({"benchmark": bench.name, "problem": rows[i], "sample": slot[i],
                                               "response": batch.texts[row], "extracted": extract_answer(batch.texts[row]),
                                               "answer": chunk[i].answer, "score": score}) + "\n")
                 slot[i] += 1
+        n_len, sum_len, sum_trunc = len(lengths), float(np.sum(lengths)), float(np.sum(truncated))
+        if world > 1:  # every rank filled its own rows: sum them
+            import torch
+
+            scores = self.dist.all_reduce(torch.from_numpy(scores)).numpy()
+            unparsed, timeouts = int(self.dist.sum(unparsed)), int(self.dist.sum(timeouts))
+            n_len, sum_len, sum_trunc = self.dist.sum(n_len), self.dist.sum(sum_len), self.dist.sum(sum_trunc)
         return {
             "title": BENCHMARKS[bench.name], "n": len(problems), "k": k,
             "avg@k": avg_at_k(scores),
             "pass@k": {str(m): pass_at_k(scores, m) for m in pass_ks(k)},
             "unparsed": unparsed, "timeouts": timeouts,
-            "response_len": float(np.mean(lengths)) if lengths else 0.0,
-            "truncated": float(np.mean(truncated)) if truncated else 0.0,
+            "response_len": sum_len / n_len if n_len else 0.0,
+            "truncated": sum_trunc / n_len if n_len else 0.0,
             "seconds": time.perf_counter() - t0,
             "correct": (scores > 0.5).sum(1).astype(int).tolist(),  # per problem, out of k (paired comparisons)
         }

@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> dict | None:
 
     from occ_exp.trainer import train
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks
     _abs_paths(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -44,19 +44,31 @@ from occ_exp.rollout.base import RolloutBatch, build_rollout
 
 # -- small pieces -------------------------------------------------------------------------------
 class PhaseTimer:
-    def __init__(self):
+    """Wall time per phase; on a GPU also each phase's peak allocated memory (`mem/{phase}_peak_gib`),
+    with the device synchronised at the phase's edges so that times are the phase's own."""
+
+    def __init__(self, cuda: bool = False):
         self.times: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, float] = {}
+        self.cuda = cuda
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             self.times[name] += time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
-        return {f"time/{k}_s": v for k, v in self.times.items()}
+        return {**{f"time/{k}_s": v for k, v in self.times.items()},
+                **{f"mem/{k}_peak_gib": v for k, v in self.peaks.items()}}
 
 
 @dataclass
@@ -155,8 +167,17 @@ def mean_dict(rows: list[dict]) -> dict:
 
 
 # -- the learner phase --------------------------------------------------------------------------
-def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen) -> dict:
-    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term."""
+def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
+                   dist=None) -> dict:
+    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
+
+    Each optimiser step sees one mini-batch; under several ranks each rank holds an equal slice of
+    it, and each slice is cut into micro-batches of at most `algorithm.max_tokens_per_micro_batch`
+    tokens whose gradients accumulate (occ_exp.learner explains why the result is the same)."""
+    from occ_exp.distributed import Dist, clip_grads, grad_norm
+    from occ_exp.learner import Denominators, MetricAccumulator, estimate_coefs, split_micro_batches
+
+    dist = dist or Dist()
     a, o = cfg.algorithm, cfg.optimizer
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
@@ -167,37 +188,54 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
     policy.train()
     for _epoch in range(a.ppo_epochs):
         for idx in minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen):
-            mb = batch.select(idx).compact()
-            out = policy(mb.input_ids, mb.attention_mask, mb.response_len,
-                         detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
-            mask = mb.response_mask
-            rl_loss, pm = policy_loss(out.logp_main, mb.logp_old, mb.advantages, mask,
-                                      clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg)
-            ctx = MTPContext(out, mb.logp_old, mb.advantages, mask, cfg.regime, a, coef_states)
-            term = mtp_term(regime, ctx)
-            loss = rl_loss + term.loss
+            mb = batch.select(dist.share_of(idx))
+            micro = split_micro_batches(mb, a.max_tokens_per_micro_batch, dist)
+            split = len(micro) > 1 or dist.world_size > 1
+            denom = Denominators.of(mb, dist) if split else Denominators(None, None)
+            coefs = None
+            if split and regime.estimates_coef and len(micro) > 1:  # lambda before any backward
+                with torch.no_grad():
+                    outs = [policy(m.input_ids, m.attention_mask, m.response_len) for _, m in micro]
+                coefs = estimate_coefs(regime, [r for r, _ in micro], outs, [m for _, m in micro],
+                                       batch.advantages[idx], cfg, coef_states, dist)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            mtp_gnorm = _grad_norm(mtp_params)
-            trunk_gnorm = _grad_norm(trunk_params)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-            loss_v = loss.item()
-            skipped = not (math.isfinite(loss_v) and math.isfinite(float(gnorm)) and all(map(math.isfinite, term.coefs)))
+            acc = MetricAccumulator()
+            for _, m in micro:
+                out = policy(m.input_ids, m.attention_mask, m.response_len,
+                             detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
+                if split and regime.estimates_coef and coefs is None:  # one micro-batch per rank
+                    coefs = estimate_coefs(regime, [micro[0][0]], [out], [m], batch.advantages[idx], cfg,
+                                           coef_states, dist)
+                mask = m.response_mask
+                rl_loss, pm = policy_loss(out.logp_main, m.logp_old, m.advantages, mask, clip_low=a.clip_low,
+                                          clip_high=a.clip_high, agg=a.loss_agg, num_tokens=denom.tokens,
+                                          num_seqs=denom.seqs)
+                ctx = MTPContext(out, m.logp_old, m.advantages, mask, cfg.regime, a, coef_states,
+                                 num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs)
+                term = mtp_term(regime, ctx)
+                loss = rl_loss + term.loss
+                loss.backward()
+                acc.add({"train/loss": loss.item(), "train/rl_loss": rl_loss.item(), "mtp/term": term.loss.item(),
+                         **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, mask)},
+                        weight=float(mask.sum()))
+            metrics = acc.reduce(dist)
+            mtp_gnorm, trunk_gnorm = grad_norm(mtp_params, dist), grad_norm(trunk_params, dist)
+            gnorm = torch.hypot(mtp_gnorm, trunk_gnorm)  # params = trunk + MTP layers
+            clip_grads(params, o.grad_clip, gnorm)
+            skipped = not (math.isfinite(metrics["train/loss"]) and math.isfinite(float(gnorm))
+                           and all(map(math.isfinite, term.coefs)))
             if skipped:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.step()
                 scheduler.step()
-            row = {
-                "train/loss": loss_v, "train/rl_loss": rl_loss.item(), "train/grad_norm": float(gnorm),
-                "train/trunk_grad_norm": trunk_gnorm, "mtp/grad_norm": mtp_gnorm, "mtp/term": term.loss.item(),
-                "train/skipped_updates": float(skipped), "train/lr": scheduler.get_last_lr()[0],
-                **{f"train/{k}": v for k, v in pm.items()},
+            rows.append({
+                **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": float(trunk_gnorm),
+                "mtp/grad_norm": float(mtp_gnorm), "train/skipped_updates": float(skipped),
+                "train/lr": scheduler.get_last_lr()[0],
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
-                **mtp_health(out, mb.logp_old, mask),
-            }
-            rows.append(row)
+            })
     metrics = mean_dict(rows)
     metrics["train/skipped_updates"] = sum(r["train/skipped_updates"] for r in rows)
     coefs = [r["mtp/coef"] for r in rows]
@@ -205,29 +243,29 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
     return metrics
 
 
-def _grad_norm(params) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
 @torch.no_grad()
-def recompute_logp_old(policy, batch: RolloutBatch, chunk: int) -> torch.Tensor:
+def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int = 0, dist=None) -> torch.Tensor:
+    """The learner's log-probs of the sampled tokens, in chunks of `chunk` rows, or in micro-batches
+    of at most `max_tokens` padded tokens (the same count on every rank)."""
+    from occ_exp.learner import micro_batch_indices, row_lengths
+
     policy.eval()
-    parts = []
-    for s in range(0, batch.input_ids.shape[0], chunk):
-        idx = torch.arange(s, min(s + chunk, batch.input_ids.shape[0]))
-        mb = batch.select(idx)
+    B = batch.input_ids.shape[0]
+    parts = (micro_batch_indices(row_lengths(batch), max_tokens, dist) if max_tokens
+             else [torch.arange(s, min(s + chunk, B)) for s in range(0, B, chunk)])
+    logp = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for idx in parts:
+        mb = batch.select(idx).compact() if max_tokens else batch.select(idx)
         out = policy(mb.input_ids, mb.attention_mask, mb.response_len, with_mtp=False)
-        parts.append(out.logp_main)
-    return torch.cat(parts).masked_fill(~batch.response_mask, 0.0)
+        logp[idx, : mb.response_len] = out.logp_main.float()
+    return logp.masked_fill(~batch.response_mask, 0.0)
 
 
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     """Run one experiment; returns the final metrics."""
     from occ_exp import builders
+    from occ_exp import distributed as D
     from occ_exp.checkpoint import latest_complete, load_trainer_state, rng_state, save_checkpoint, set_rng_state
     from occ_exp.tracking import Tracker
 
@@ -238,7 +276,9 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     if cfg.regime.name == "occ" and a.num_mini_batches * a.ppo_epochs == 1:
         warnings.warn("regime=occ with a single update per rollout batch: logp_main == logp_old on it, so c_hat "
                       "and lambda_t are always 0. Use algorithm.num_mini_batches >= 2 (the paper uses 4).")
-    device = pick_device(t.device)
+    dist = D.init_distributed(cfg.distributed, t.device)  # no process group outside torchrun / Slurm
+    device = dist.device
+    log = log if dist.is_main else (lambda *_: None)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
@@ -246,46 +286,71 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     # 1. evaluation sets (files checked first), model, tokenizer, data, reward, rollout engine
     eval_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.eval_problems)
     final_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.final_eval_problems)
-    env = builders.build(cfg, device, log=log)
+    with dist.main_first():  # rank 0 fills the warm-start cache, the others read it
+        env = builders.build(cfg, device, log=log)
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
+    D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
+    policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
+    if dist.enabled:
+        log(f"learner: FSDP2 over {dist.world_size} rank(s) on {device.type}, compute dtype "
+            f"{D.compute_dtype(cfg.distributed, device)}, activation checkpointing {cfg.model.gradient_checkpointing}")
+    if dist.world_size > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # independent samples on each rank
     regime = get_regime(cfg.regime.name)
     rollout = build_rollout(cfg.rollout, policy, tokenizer, device)
+    # rollout=hf generates with the learner's own (sharded) module: gather it first
+    generating = (lambda: D.full_params(policy, dist)) if getattr(rollout, "shares_learner_weights", False) \
+        else contextlib.nullcontext
     optimizer, scheduler = build_optimizer(cfg.optimizer, policy, regime)
     coef_states = [CoefficientState(cfg.regime.ema, cfg.regime.clip) for _ in range(policy.num_mtp_layers)]
     prompts = PromptStream(task, cfg.seed)
-    evaluator = Evaluator(rollout, tokenizer, cfg.eval, cfg.model.chat_template, Scorers({reward_kind(cfg.data): reward_fn}))
+    evaluator = Evaluator(rollout, tokenizer, cfg.eval, cfg.model.chat_template,
+                          Scorers({reward_kind(cfg.data): reward_fn}), dist=dist)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # 2. resume
     start = 0
     ckpt = latest_complete(run_dir) if t.resume == "auto" else (Path(t.resume) if t.resume != "never" else None)
     if ckpt is not None:
-        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device)
+        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=dist)
         log(f"resumed from {ckpt} at step {start}")
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
+    tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
+                      OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
 
     def checkpoint(step: int) -> Path:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "generator": gen.get_state(), "prompts": prompts.state_dict(),
-                 "coef_states": [c.state_dict() for c in coef_states]}
-        return save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last)
+        state = {"step": step, "optimizer": D.optimizer_state_dict(policy, optimizer, dist),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "generator": gen.get_state(),
+                 "prompts": prompts.state_dict(), "coef_states": [c.state_dict() for c in coef_states],
+                 **D.extra_trainer_state(dist)}
+        model_sd = D.full_model_state_dict(policy, dist)  # collective; None without a process group
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last,
+                                   model_state_dict=model_sd)
+        dist.barrier()
+        return path
+
+    def run_eval(benchmarks: list) -> dict:
+        with generating():
+            return evaluator.run(benchmarks)
 
     if t.eval_before_train and start == 0:
-        tracker.log(eval_metrics(evaluator.run(eval_sets)), step=0)
+        tracker.log(eval_metrics(run_eval(eval_sets)), step=0)
 
     # 3. the loop
     from tqdm import tqdm
 
-    bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not t.progress,
+    bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not (t.progress and dist.is_main),
                initial=start, total=t.total_steps, mininterval=1.0)
     last: dict = {}
     last_ckpt = ckpt
     for step in bar:
-        timer = PhaseTimer()
+        timer = PhaseTimer(cuda=device.type == "cuda")
         t_step = time.perf_counter()
         with timer("rollout"):
-            problems = prompts.next(cfg.data.prompts_per_step)
-            batch = rollout.generate(format_prompts(problems, tokenizer, cfg.model.chat_template), a.group_size)
+            problems = dist.shard(prompts.next(cfg.data.prompts_per_step))  # this rank's share (all of them)
+            with generating():
+                batch = rollout.generate(format_prompts(problems, tokenizer, cfg.model.chat_template), a.group_size)
         with timer("reward"):
             sample_problems = [problems[i] for i in batch.prompt_index.tolist()]
             rewards, rstats = reward_fn(batch.texts, sample_problems)
@@ -296,14 +361,19 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             batch.advantages = ADVANTAGES[a.advantage](shaped, a.group_size, a.adv_eps)
         with timer("logp_old"):
             if a.recompute_logp_old:
-                batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches))
+                batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches),
+                                                    max_tokens=a.max_tokens_per_micro_batch, dist=dist)
                 diff = (batch.logp_old - batch.logp_sampler).abs()[batch.response_mask]
                 rstats["rollout/logp_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
                 rstats["rollout/logp_diff_max"] = float(diff.max()) if diff.numel() else 0.0
             else:
                 batch.logp_old = batch.logp_sampler
+        if dist.world_size > 1:  # every rank now holds the whole step's batch (advantages already per group)
+            with timer("gather"):
+                batch = dist.gather_rollouts(batch, len(problems))
+                rewards, lengths, rstats = batch.rewards, batch.response_mask.sum(-1), dist.mean_dict(rstats)
         with timer("update"):
-            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen)
+            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, dist)
         rollout.sync_weights()
         metrics.update(rstats)
         metrics.update({
@@ -313,17 +383,19 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             "reward/solve_none_frac": float((rewards.view(-1, a.group_size).max(1).values <= 0).float().mean()),
             "rollout/response_len": float(lengths.float().mean()),
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
+            "rollout/tokens": int(batch.attention_mask.sum()),  # prompt + response tokens of the step
         })
         is_last = step == t.total_steps
         if is_last:  # the final evaluation, on larger held-out sets; also <run dir>/eval.json
             with timer("eval"):
-                result = evaluator.run(final_sets)
-                write_eval({"label": cfg.run_name, "model": str(run_dir), "step": step, **result}, run_dir)
+                result = run_eval(final_sets)
+                if dist.is_main:
+                    write_eval({"label": cfg.run_name, "model": str(run_dir), "step": step, **result}, run_dir)
                 metrics.update(eval_metrics(result))
                 metrics["eval/final"] = 1
         elif t.eval_every and step % t.eval_every == 0:
             with timer("eval"):
-                metrics.update(eval_metrics(evaluator.run(eval_sets)))
+                metrics.update(eval_metrics(run_eval(eval_sets)))
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics.update(timer.metrics())
         tracker.log(metrics, step=step)
@@ -343,4 +415,5 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     evaluator.close()
     rollout.close()
     reward_fn.close()
+    dist.close()
     return summary

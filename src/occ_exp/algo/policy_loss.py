@@ -24,19 +24,23 @@ def register_policy_loss(name: str):
     return deco
 
 
-def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, how: str, num_tokens: float | None = None) -> torch.Tensor:
-    """token_mean: sum over all tokens / number of tokens (DAPO); `num_tokens` overrides the
-    denominator (a global count when a batch is split into micro-batches or across ranks).
+def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, how: str, num_tokens: float | None = None,
+              num_seqs: float | None = None) -> torch.Tensor:
+    """token_mean: sum over all tokens / number of tokens (DAPO).
     seq_mean_token_mean: mean over sequences of per-sequence token means (GRPO).
-    seq_mean_token_sum: mean over sequences of per-sequence token sums (Dr. GRPO)."""
+    seq_mean_token_sum: mean over sequences of per-sequence token sums (Dr. GRPO).
+    `num_tokens` / `num_seqs` override the denominators with global counts when a mini-batch is
+    split into micro-batches or across ranks: the parts' losses then sum to the whole's."""
     m = mask.to(loss_tok.dtype)
     if how == "token_mean":
         denom = m.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0)
         return (loss_tok * m).sum() / denom
     if how == "seq_mean_token_mean":
-        return ((loss_tok * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        per_seq = (loss_tok * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        return per_seq.mean() if num_seqs is None else per_seq.sum() / max(float(num_seqs), 1.0)
     if how == "seq_mean_token_sum":
-        return (loss_tok * m).sum(-1).mean()
+        per_seq = (loss_tok * m).sum(-1)
+        return per_seq.mean() if num_seqs is None else per_seq.sum() / max(float(num_seqs), 1.0)
     raise ValueError(f"unknown loss aggregation {how!r}; choose one of {LOSS_AGGREGATIONS}")
 
 
@@ -46,7 +50,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 @register_policy_loss("clipped")
-def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="token_mean", num_tokens=None):
+def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="token_mean", num_tokens=None, num_seqs=None):
     """PPO/DAPO clipped surrogate with clip-higher: per token
     max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logp - logp_old)."""
     log_ratio = (logp - logp_old).clamp(-20.0, 20.0)
@@ -55,7 +59,7 @@ def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="tok
     pg1 = -a * ratio
     pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss_tok = torch.maximum(pg1, pg2)
-    loss = aggregate(loss_tok, mask, agg, num_tokens)
+    loss = aggregate(loss_tok, mask, agg, num_tokens, num_seqs)
     with torch.no_grad():
         metrics = {
             "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
@@ -66,7 +70,7 @@ def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="tok
 
 
 @register_policy_loss("gspo")
-def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_mean_token_mean", num_tokens=None):
+def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_mean_token_mean", num_tokens=None, num_seqs=None):
     """GSPO: sequence-level ratio s = exp(mean_t(logp - logp_old)), clipped, with the per-token
     gradient of s_i routed through each token (token ratio = sg(s) * exp(logp - sg(logp)))."""
     m = mask.to(logp.dtype)
@@ -77,7 +81,7 @@ def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_m
     pg1 = -a * ratio
     pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss_tok = torch.maximum(pg1, pg2)
-    loss = aggregate(loss_tok, mask, agg, num_tokens)
+    loss = aggregate(loss_tok, mask, agg, num_tokens, num_seqs)
     with torch.no_grad():
         metrics = {
             "clipfrac": _masked_mean((pg2 > pg1).float(), mask),

@@ -41,15 +41,18 @@ class Regime:
     detach_trunk: bool
     detach_head: bool
     train_heads: bool = True
+    estimates_coef: bool = False  # lambda comes from the mini-batch's log-probs (occ)
     doc: str = ""
 
 
 REGIMES: dict[str, Regime] = {}
 
 
-def register_regime(name: str, *, detach_trunk: bool, detach_head: bool, train_heads: bool = True):
+def register_regime(name: str, *, detach_trunk: bool, detach_head: bool, train_heads: bool = True,
+                    estimates_coef: bool = False):
     def deco(fn: TermFn) -> TermFn:
-        REGIMES[name] = Regime(name, fn, detach_trunk, detach_head, train_heads, (fn.__doc__ or "").strip())
+        REGIMES[name] = Regime(name, fn, detach_trunk, detach_head, train_heads, estimates_coef,
+                               (fn.__doc__ or "").strip())
         return fn
 
     return deco
@@ -73,6 +76,10 @@ class MTPContext:
     algo_cfg: object
     coef_states: list[CoefficientState]
     num_tokens: float | None = None  # global token count for token-mean aggregation
+    num_seqs: float | None = None  # global sequence count for sequence-mean aggregation
+    # lambda_k already estimated on the whole mini-batch (when it is split into micro-batches or
+    # across ranks, see occ_exp.learner.estimate_coefs); used instead of estimating it here
+    coefs: list[torch.Tensor] | None = None
     cache: dict = field(default_factory=dict)
 
     # -- building blocks ----------------------------------------------------------------------
@@ -87,11 +94,13 @@ class MTPContext:
         """The RL objective's own clipped policy loss, with the depth-k head's log-probs."""
         a = self.algo_cfg
         fn = POLICY_LOSSES[a.policy_loss]
-        loss, _ = fn(self.out.logp_mtp[k], self.logp_old, self.advantages, self.mask,
-                     clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg, num_tokens=self.num_tokens)
+        loss, _ = fn(self.out.logp_mtp[k], self.logp_old, self.advantages, self.mask, clip_low=a.clip_low,
+                     clip_high=a.clip_high, agg=a.loss_agg, num_tokens=self.num_tokens, num_seqs=self.num_seqs)
         return loss
 
     def occ_coef(self, k: int) -> torch.Tensor:
+        if self.coefs is not None:
+            return self.coefs[k]
         r = self.regime_cfg
         raw = ESTIMATORS[r.estimator](
             self.out.logp_main, self.out.logp_mtp[k], self.logp_old, self.mask, r.lambda_plus, r.eps, ctx=self, k=k
@@ -118,7 +127,7 @@ def policy(ctx: MTPContext, k: int):
     return ctx.fixed_coef(), ctx.policy_loss(k)
 
 
-@register_regime("occ", detach_trunk=False, detach_head=False)
+@register_regime("occ", detach_trunk=False, detach_head=False, estimates_coef=True)
 def occ(ctx: MTPContext, k: int):
     """Policy loss with lambda_t = lambda_plus * c_hat / (v2_hat + eps) from this mini-batch."""
     return ctx.occ_coef(k), ctx.policy_loss(k)

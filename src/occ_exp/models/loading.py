@@ -47,12 +47,13 @@ def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
     return policy, tokenizer
 
 
-def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike) -> None:
-    """Write a Hugging Face folder with the MTP weights under MiMo's names."""
+def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write a Hugging Face folder with the MTP weights under MiMo's names. `state_dict` (of
+    `policy.lm`) replaces the module's own tensors, e.g. the full weights of an FSDP2-sharded policy."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     policy.lm.config.num_nextn_predict_layers = policy.num_mtp_layers
-    policy.lm.save_pretrained(path, safe_serialization=True)
+    policy.lm.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 

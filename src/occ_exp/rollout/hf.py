@@ -13,6 +13,8 @@ from occ_exp.rollout.base import RolloutBatch, register_rollout, response_mask_f
 
 @register_rollout("hf")
 class HFRollout:
+    shares_learner_weights = True  # generate runs the learner's module (an FSDP2 learner gathers it first)
+
     def __init__(self, cfg, policy, tokenizer, device):
         self.cfg = cfg
         self.policy = policy
