@@ -76,6 +76,45 @@ class PromptStream:
         self.rng.setstate(state["rng"])
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimiser updates in a row had a non-finite loss, gradient norm or lambda."""
+
+
+class NonFiniteGuard:
+    """Numerical guard of the learner: an optimiser update whose loss, gradient norm or MTP
+    coefficient is not finite is skipped (weights, optimiser, scheduler and OCC estimator state
+    untouched) and counted; `max_consecutive` skips in a row stop the run with NonFiniteError.
+    Its counters are part of a checkpoint."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.total = 0
+
+    def skip(self, step: int, loss: float, grad_norm: float, coefs: list[float]) -> bool:
+        values = {"loss": loss, "grad_norm": grad_norm, **{f"lambda_d{k + 1}": c for k, c in enumerate(coefs)}}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            self.streak = 0
+            return False
+        self.streak += 1
+        self.total += 1
+        if self.streak >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.streak} optimiser updates in a row had non-finite values (last at step {step}: "
+                f"{', '.join(f'{k}={v}' for k, v in bad.items())}); each was skipped and the weights are unchanged. "
+                "Lower optimizer.lr or regime.lambda_plus, check the data, or raise trainer.max_consecutive_skips; "
+                "then resume from the last checkpoint."
+            )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.total = int(state["streak"]), int(state["total"])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,9 +170,12 @@ def mean_dict(rows: list[dict]) -> dict:
 
 
 # -- the learner phase --------------------------------------------------------------------------
-def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen) -> dict:
-    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term."""
+def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
+                   guard: NonFiniteGuard | None = None, step: int = 0) -> dict:
+    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
+    Updates with a non-finite loss, gradient norm or lambda are skipped (see NonFiniteGuard)."""
     a, o = cfg.algorithm, cfg.optimizer
+    guard = guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips)
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
     mtp_params = [p for p in policy.mtp_parameters() if p.requires_grad]
@@ -149,6 +191,7 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
             mask = mb.response_mask
             rl_loss, pm = policy_loss(out.logp_main, mb.logp_old, mb.advantages, mask,
                                       clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg)
+            coef_before = [c.state_dict() for c in coef_states]
             ctx = MTPContext(out, mb.logp_old, mb.advantages, mask, cfg.regime, a, coef_states)
             term = mtp_term(regime, ctx)
             loss = rl_loss + term.loss
@@ -158,16 +201,18 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
             trunk_gnorm = _grad_norm(trunk_params)
             gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
             loss_v = loss.item()
-            skipped = not (math.isfinite(loss_v) and math.isfinite(float(gnorm)) and all(map(math.isfinite, term.coefs)))
+            skipped = guard.skip(step, loss_v, float(gnorm), term.coefs)
             if skipped:
                 optimizer.zero_grad(set_to_none=True)
+                for c, s in zip(coef_states, coef_before):
+                    c.load_state_dict(s)
             else:
                 optimizer.step()
                 scheduler.step()
             row = {
                 "train/loss": loss_v, "train/rl_loss": rl_loss.item(), "train/grad_norm": float(gnorm),
                 "train/trunk_grad_norm": trunk_gnorm, "mtp/grad_norm": mtp_gnorm, "mtp/term": term.loss.item(),
-                "train/skipped_updates": float(skipped), "train/lr": scheduler.get_last_lr()[0],
+                "train/skipped_steps": float(skipped), "train/lr": scheduler.get_last_lr()[0],
                 **{f"train/{k}": v for k, v in pm.items()},
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
@@ -175,7 +220,8 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
             }
             rows.append(row)
     metrics = mean_dict(rows)
-    metrics["train/skipped_updates"] = sum(r["train/skipped_updates"] for r in rows)
+    metrics["train/skipped_steps"] = sum(r["train/skipped_steps"] for r in rows)  # optimiser steps skipped
+    metrics["train/skipped_steps_total"] = guard.total
     coefs = [r["mtp/coef"] for r in rows]
     metrics["mtp/coef_first"], metrics["mtp/coef_last"] = coefs[0], coefs[-1]
     return metrics
@@ -216,9 +262,18 @@ def evaluate(rollout, problems: list, reward_fn, batch_size: int = 512) -> dict:
 
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
-    """Run one experiment; returns the final metrics."""
+    """Run one experiment; returns the final metrics. SIGTERM stops it after the current step, with
+    a checkpoint (see occ_exp.preemption)."""
+    from occ_exp.preemption import GracefulStop
+
+    with GracefulStop(log=log) as stop:
+        return _train(cfg, run_dir, log, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     from occ_exp import builders
-    from occ_exp.checkpoint import latest_complete, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+    from occ_exp.checkpoint import resolve_resume, rng_state, save_checkpoint, set_aside_newer
+    from occ_exp.faults import fault_point
     from occ_exp.tracking import Tracker
 
     validate(cfg)
@@ -232,9 +287,11 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
+    ckpt = resolve_resume(run_dir, t.resume, log)
 
-    # 1. model, tokenizer, data, reward, rollout engine
-    env = builders.build(cfg, device, log=log)
+    # 1. model, tokenizer, data, reward, rollout engine (no warm start when a checkpoint has the weights)
+    env = builders.build(cfg, device, log=log, with_warm_start=ckpt is None)
+    seed_everything(cfg.seed)  # the RL phase's randomness must not depend on whether the warm start was cached
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     regime = get_regime(cfg.regime.name)
     rollout = build_rollout(cfg.rollout, policy, tokenizer, device)
@@ -243,19 +300,23 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     prompts = PromptStream(task, cfg.seed)
     eval_problems = task.problems(t.eval_problems, seed=10_000, split="test")
     gen = torch.Generator().manual_seed(cfg.seed)
+    guard = NonFiniteGuard(t.max_consecutive_skips)
 
-    # 2. resume
+    # 2. resume: weights, optimiser, scheduler, RNGs, data position, OCC and guard state
     start = 0
-    ckpt = latest_complete(run_dir) if t.resume == "auto" else (Path(t.resume) if t.resume != "never" else None)
     if ckpt is not None:
-        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device)
+        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device,
+                                     guard=guard, rollout=rollout)
+        set_aside_newer(run_dir, start, log)
         log(f"resumed from {ckpt} at step {start}")
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
+    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resume_step=start)
 
     def checkpoint(step: int) -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), "generator": gen.get_state(), "prompts": prompts.state_dict(),
-                 "coef_states": [c.state_dict() for c in coef_states]}
+                 "coef_states": [c.state_dict() for c in coef_states], "guard": guard.state_dict()}
+        if hasattr(rollout, "state_dict"):  # e.g. a sampler with its own RNG
+            state["rollout"] = rollout.state_dict()
         return save_checkpoint(run_dir, step, policy, tokenizer, state, OmegaConf.to_yaml(cfg), t.keep_last)
 
     if t.eval_before_train and start == 0:
@@ -267,9 +328,13 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not t.progress,
                initial=start, total=t.total_steps, mininterval=1.0)
     final_problems = task.problems(t.final_eval_problems, seed=20_000, split="test")
-    last: dict = {}
+    last: dict = tracker.last_row if start >= t.total_steps else {}  # resuming a finished run: nothing to do
     last_ckpt = ckpt
+    stopped_at = None
     for step in bar:
+        if step == start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
+            stopped_at = start
+            break
         timer = PhaseTimer()
         t_step = time.perf_counter()
         with timer("rollout"):
@@ -292,8 +357,9 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             else:
                 batch.logp_old = batch.logp_sampler
         with timer("update"):
-            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen)
+            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, guard, step)
         rollout.sync_weights()
+        fault_point("during_step", step)
         metrics.update(rstats)
         metrics.update({
             "reward/mean": float(rewards.mean()),
@@ -317,11 +383,19 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", coef=f"{metrics['mtp/coef']:+.2e}",
                         accept=f"{metrics['mtp/acceptance']:.3f}")
         last = metrics
-        if is_last or (t.save_every and step % t.save_every == 0):
+        stopping = stop.should_stop()
+        if is_last or stopping or (t.save_every and step % t.save_every == 0):
             last_ckpt = checkpoint(step)
+        fault_point("after_step", step)
+        if stopping and not is_last:
+            log(f"stopped after step {step} on request (SIGTERM); checkpoint {last_ckpt}. "
+                "Run the same command with the same hydra.run.dir to resume.")
+            stopped_at = step
+            break
 
     # 4. summary
-    summary = {"final/accuracy": last.get("eval/accuracy"), "final/n": last.get("eval/n"),
+    summary = {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
+               "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
                "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": str(tracker.metrics_path),
                "run_dir": str(run_dir)}
