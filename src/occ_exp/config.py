@@ -183,7 +183,8 @@ class TrainerConfig:
     eval_problems: int = 256  # held-out problems per in-training evaluation (greedy)
     final_eval_problems: int = 1000
     save_every: int = 50
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a new one is complete
+    max_consecutive_skips: int = 8  # non-finite optimiser updates in a row (each skipped) that stop the run
     resume: str = "auto"  # auto | never | <checkpoint dir>
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = all cores)
@@ -261,7 +262,7 @@ def validate(cfg: DictConfig | Config) -> None:
         v = r[key]
         _require(_finite(v), f"regime.{key}", f"must be a finite number, got {v!r}")
     _require(r.coef >= 0, "regime.coef", f"must be >= 0 (a fixed MTP coefficient), got {r.coef}")
-    _require(_finite(r.eps) and r.eps > 0, "regime.eps", f"must be > 0, got {r.eps}")
+    _require(_finite(r.eps) and r.eps > 0, "regime.eps", f"must be > 0 (OCC divides by v2_hat + eps), got {r.eps}")
     _require(r.estimator in ESTIMATORS, "regime.estimator", f"unknown {r.estimator!r}; choose one of {sorted(ESTIMATORS)}")
     _require(0.0 <= r.ema < 1.0, "regime.ema", f"must be in [0, 1), got {r.ema}")
     _require(r.clip is None or (_finite(r.clip) and r.clip > 0), "regime.clip", f"must be null or > 0, got {r.clip}")
@@ -271,8 +272,15 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"unknown {a.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
     _require(a.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg", f"unknown {a.loss_agg!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
     _require(a.group_size >= 2, "algorithm.group_size", f"must be >= 2 (group-normalised advantages need a group), got {a.group_size}")
-    _require(a.clip_low > 0 and a.clip_high > 0, "algorithm.clip_low/clip_high", f"must be > 0, got {a.clip_low}/{a.clip_high}")
+    # The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher). Both > 0 keeps the
+    # upper bound above the lower one; clip_high < clip_low is allowed (a tighter upper clip).
+    for key in ("clip_low", "clip_high"):
+        _require(_finite(a[key]) and a[key] > 0, f"algorithm.{key}",
+                 f"must be > 0 (the ratio is clipped to [1-clip_low, 1+clip_high]; a value <= 0 puts the upper bound "
+                 f"at or below the lower one), got {a[key]}")
     _require(a.clip_low < 1, "algorithm.clip_low", f"must be < 1 (ratio floor 1-clip_low), got {a.clip_low}")
+    _require(_finite(a.adv_eps) and a.adv_eps > 0, "algorithm.adv_eps",
+             f"must be > 0 (advantages divide by the group's std + adv_eps; a group with equal rewards has std 0), got {a.adv_eps}")
     _require(a.num_mini_batches >= 1, "algorithm.num_mini_batches", f"must be >= 1, got {a.num_mini_batches}")
     _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
     _require(a.overlong_buffer >= 0, "algorithm.overlong_buffer", f"must be >= 0, got {a.overlong_buffer}")
@@ -283,6 +291,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     _require(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(_finite(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
 
     d = c.data
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1, got {d.prompts_per_step}")
@@ -317,9 +326,13 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
     _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every/save_every", "must be >= 0 (0 = off)")
     _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", f"must be >= 1, got {t.max_consecutive_skips}")
+    _require(bool(t.resume), "trainer.resume", "choose auto, never or the path of a checkpoint folder")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"choose auto, cpu or cuda; got {t.device!r}")
     _require(c.logger.name in ("jsonl", "wandb", "none"), "logger.name", f"choose jsonl, wandb or none; got {c.logger.name!r}")
     _validate_distributed(c)
+    _require(c.logger.mode in ("online", "offline", "disabled", "shared"), "logger.mode",
+             f"choose online, offline, disabled or shared (a wandb mode); got {c.logger.mode!r}")
     _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
 
 

@@ -72,14 +72,36 @@ def _state_dict_from_folder(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; is this a saved model folder?")
 
 
-def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32):
+def check_tokenizer(tokenizer, path) -> None:
+    """The special tokens the pipeline needs: eos (ends a response; the response mask is cut at it)
+    and pad (prompts are batched with left padding). Missing ones are a CheckpointError."""
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer_config.json); save the tokenizer into the model folder")
+    missing = [name for name in ("eos", "pad") if getattr(tokenizer, f"{name}_token_id", None) is None]
+    if missing:
+        raise CheckpointError(
+            f"{path}: the tokenizer has no {' and no '.join(missing)} token; occ-exp needs eos (ends a response) and "
+            "pad (batches prompts). Set them and save the tokenizer into the folder, e.g. "
+            "tok.pad_token = tok.eos_token; tok.save_pretrained(path)"
+        )
+
+
+def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32,
+                       num_mtp_layers: int | None = None):
     """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit).
 
-    `expected_config` (a Qwen2Config) makes a size mismatch a clear error instead of a crash."""
+    `expected_config` (a Qwen2Config) makes a size mismatch a clear error instead of a crash;
+    `num_mtp_layers` does the same for the number of MTP layers alone (model.path runs)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json; expected a folder written by occ_exp (save_policy)")
     config = Qwen2Config.from_pretrained(path)
+    k_saved = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    if num_mtp_layers is not None and k_saved and k_saved != num_mtp_layers:
+        raise CheckpointError(
+            f"checkpoint {path} has {k_saved} MTP layer(s) but model.num_mtp_layers={num_mtp_layers}; "
+            f"set model.num_mtp_layers={k_saved} or point model.path at a matching checkpoint"
+        )
     if expected_config is not None:
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "num_nextn_predict_layers")
