@@ -250,6 +250,12 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     if ckpt is not None:
         start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device)
         log(f"resumed from {ckpt} at step {start}")
+        rollout.sync_weights()
+    elif env.fresh_mtp_layers and cfg.model.mtp_warmup_steps > 0:  # fresh heads on a real checkpoint
+        from occ_exp.models.warmstart import mtp_warmup
+
+        mtp_warmup(policy, tokenizer, task, cfg.model, env.fresh_mtp_layers, device, rollout, seed=cfg.seed, log=log)
+        rollout.sync_weights()
     tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
 
     def checkpoint(step: int) -> Path:
@@ -295,6 +301,7 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen)
         rollout.sync_weights()
         metrics.update(rstats)
+        metrics.update(batch.stats)  # the engine's own counters (weight version, speculative acceptance)
         metrics.update({
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
