@@ -126,3 +126,43 @@ def test_saved_folder_is_served_by_vllm_with_its_drafter(tiny_policy, tmp_path, 
         assert drafts["vllm:spec_decode_num_drafts"] > 0
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path[:0] = [{src!r}, {root!r}]
+from tests.conftest import compose_cfg
+from occ_exp.models.loading import build_tiny_policy
+from occ_exp.rollout.base import build_rollout
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    cfg = compose_cfg(["rollout=vllm", "rollout.cpu_kv_cache_gb=0.25", "rollout.max_new_tokens=8"])
+    policy, tok = build_tiny_policy(cfg.model, seed=0)
+    ro = build_rollout(cfg.rollout, policy, tok, "cpu")
+    b = ro.generate(["hello"], 2)
+    ro.close()
+    t = torch.tensor([float(b.input_ids.shape[0])])
+    dist.all_reduce(t)  # the learner's process group outlives the engine
+    assert t.item() == 4.0
+    dist.destroy_process_group()
+    print("rank ok")
+"""
+
+
+@pytest.mark.slow
+def test_one_engine_per_rank_under_torchrun(tmp_path):
+    """Under torchrun each rank's engine joins the learner's process group, and closing it leaves
+    that group to the learner."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "ranks.py"
+    script.write_text(TORCHRUN_SCRIPT.format(src=str(ROOT / "src"), root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.count("rank ok") == 2, proc.stderr[-4000:]

@@ -93,6 +93,19 @@ def _guard_process_state():
         torch.set_num_threads = set_threads
 
 
+@contextlib.contextmanager
+def _keep_default_process_group(active: bool):
+    """vLLM's engine shutdown ends by destroying torch.distributed's default group, which under
+    torchrun is the learner's: skip that one call (vLLM's own subgroups are still destroyed)."""
+    destroy = torch.distributed.destroy_process_group
+    if active:
+        torch.distributed.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+
+
 def engine_folder(policy, tokenizer, path: str | os.PathLike, speculative: bool) -> Path:
     """Config and tokenizer only (the engine starts with dummy weights and is synced in memory).
     With MTP speculative decoding the architecture is MiMo's, whose drafter vLLM builds from
@@ -199,6 +212,8 @@ class VLLMRollout:
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gb * 2**30)
         if self.speculative:
             kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
+        # under torchrun the engine joins the learner's process group (one engine per rank, TP 1)
+        self._shares_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         with _guard_process_state():
             self.llm = vllm.LLM(**kwargs)
         self._sampling_params = vllm.SamplingParams
@@ -285,7 +300,7 @@ class VLLMRollout:
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
-            with contextlib.suppress(Exception):
+            with _keep_default_process_group(self._shares_process_group), contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+        self.llm = None
         self._dir.cleanup()
