@@ -185,11 +185,9 @@ def _gguf_trunk(folder: Path, gguf_file: str, cache_dir: str | os.PathLike | Non
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     if cache_dir is None:
-        import tempfile
-
-        cache_dir = tempfile.mkdtemp(prefix="occ_gguf_")
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "occ_exp"
     out = Path(cache_dir) / "models" / f"{src.stem}-{key}"
-    with file_lock(out.with_suffix(".lock")):
+    with file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").exists():
             log(f"converting {src.name} to a float Hugging Face folder under {out} (once)")
             config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)

@@ -157,7 +157,7 @@ def _reload(model, model_config, weights) -> set[str]:
     return loaded
 
 
-def _load_on_worker(worker, target: list, draft: list | None, version: int) -> dict:
+def _load_on_worker(worker, target, draft, version: int) -> dict:
     from vllm.config import set_current_vllm_config
 
     report = {}
@@ -230,8 +230,10 @@ class VLLMRollout:
             self.llm.wake_up(tags=["weights"])
             self._weights_asleep = False
         self.version += 1
-        target = list(trunk_weights(self.policy))
-        draft = list(drafter_weights(self.policy)) if self.speculative else None
+        # generators: the engine is in-process, so tensors stream one at a time (under FSDP each is
+        # gathered just before it is loaded, never the whole model at once)
+        target = trunk_weights(self.policy)
+        draft = drafter_weights(self.policy) if self.speculative else None
         (report,) = self.llm.collective_rpc(_load_on_worker, args=(target, draft, self.version))
         stale = {k: v for k, v in report.items() if v}
         if stale:
