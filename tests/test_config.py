@@ -68,3 +68,19 @@ def test_out_of_range_values_are_refused(override, key):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert str(e.value).startswith(key)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["diagnostics.taylor_check=true"], "diagnostics.taylor_check"),
+        (["diagnostics.exact_every=1", "diagnostics.taylor_check=true", "diagnostics.taylor_eta=-1"],
+         "diagnostics.taylor_eta"),
+        (["regime=frozen", "regime.head_ce=0.1"], "regime.head_ce"),
+        (["diagnostics.exact_every=-2"], "diagnostics.exact_every"),
+    ],
+)
+def test_diagnostics_and_head_ce_rules(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(overrides))
+    assert str(e.value).startswith(key)

@@ -144,8 +144,11 @@ class LoggerConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    exact_every: int = 0  # exact c and v2 on the trunk every N steps (0 = off)
-    taylor_check: bool = False
+    """Exact correlation / penalty on the shared parameters (see occ_exp.diagnostics)."""
+
+    exact_every: int = 0  # exact c and v2 on the trunk every N steps, on the step's last mini-batch (0 = off)
+    taylor_check: bool = False  # on diagnosed steps: realised vs predicted MTP-induced change of the objective
+    taylor_eta: Optional[float] = None  # SGD step size of the Taylor check (null = optimizer.lr)
 
 
 @dataclass
@@ -260,4 +263,11 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"choose auto, cpu or cuda; got {t.device!r}")
     _require(c.logger.name in ("jsonl", "wandb", "none"), "logger.name", f"choose jsonl, wandb or none; got {c.logger.name!r}")
-    _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
+    dg = c.diagnostics
+    _require(dg.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
+    _require(not dg.taylor_check or dg.exact_every >= 1, "diagnostics.taylor_check",
+             "runs on diagnosed steps only; also set diagnostics.exact_every >= 1")
+    _require(dg.taylor_eta is None or (_finite(dg.taylor_eta) and dg.taylor_eta > 0), "diagnostics.taylor_eta",
+             f"must be null (= optimizer.lr) or > 0, got {dg.taylor_eta}")
+    _require(r.head_ce == 0 or REGIMES[r.name].train_heads, "regime.head_ce",
+             f"regime={r.name} does not train the MTP heads; set regime.head_ce=0 or pick another regime")

@@ -33,7 +33,7 @@ from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.policy_loss import POLICY_LOSSES
 from occ_exp.algo.regimes import MTPContext, get_regime, mtp_term
 from occ_exp.config import validate
-from occ_exp.diagnostics import mtp_health
+from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
 from occ_exp.rollout.base import RolloutBatch, build_rollout
 
 
@@ -131,29 +131,45 @@ def mean_dict(rows: list[dict]) -> dict:
 
 
 # -- the learner phase --------------------------------------------------------------------------
-def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen) -> dict:
-    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term."""
+def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
+                   diagnose: bool = False) -> dict:
+    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
+    `diagnose`: exact diagnostics on the last mini-batch (see occ_exp.diagnostics)."""
     a, o = cfg.algorithm, cfg.optimizer
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
     mtp_params = [p for p in policy.mtp_parameters() if p.requires_grad]
     policy_loss = POLICY_LOSSES[a.policy_loss]
     n_groups = batch.input_ids.shape[0] // a.group_size
+
+    def rl_objective(out, mb):
+        return policy_loss(out.logp_main, mb.logp_old, mb.advantages, mb.response_mask,
+                           clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg)
+
     rows = []
     policy.train()
-    for _epoch in range(a.ppo_epochs):
-        for idx in minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen):
+    for epoch in range(a.ppo_epochs):
+        mbs = minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen)
+        for i, idx in enumerate(mbs):
             mb = batch.select(idx).compact()
             out = policy(mb.input_ids, mb.attention_mask, mb.response_len,
                          detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
             mask = mb.response_mask
-            rl_loss, pm = policy_loss(out.logp_main, mb.logp_old, mb.advantages, mask,
-                                      clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg)
-            ctx = MTPContext(out, mb.logp_old, mb.advantages, mask, cfg.regime, a, coef_states)
+            rl_loss, pm = rl_objective(out, mb)
+            probe = GradientProbe(rl_loss, trunk_params, mtp_params)  # per-loss gradients, only if asked for
+            ctx = MTPContext(out, mb.logp_old, mb.advantages, mask, cfg.regime, a, coef_states, policy=policy, probe=probe)
             term = mtp_term(regime, ctx)
             loss = rl_loss + term.loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            diag = {}
+            if diagnose and epoch == a.ppo_epochs - 1 and i == len(mbs) - 1:  # the last mini-batch: see diagnostics.py
+                objective = lambda: rl_objective(policy(mb.input_ids, mb.attention_mask, mb.response_len,  # noqa: E731
+                                                        with_mtp=False), mb)[0]  # (re-evaluated by the Taylor check)
+                diag = exact_diagnostics(probe, term, ctx, cfg.diagnostics, objective, lr=scheduler.get_last_lr()[0])
+            if probe.used:  # same gradient as loss.backward(), from the per-loss gradients already taken
+                probe.backward(term)
+            else:
+                loss.backward()
             mtp_gnorm = _grad_norm(mtp_params)
             trunk_gnorm = _grad_norm(trunk_params)
             gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
@@ -172,6 +188,7 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
                 **mtp_health(out, mb.logp_old, mask),
+                **diag,
             }
             rows.append(row)
     metrics = mean_dict(rows)
@@ -292,7 +309,8 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
             else:
                 batch.logp_old = batch.logp_sampler
         with timer("update"):
-            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen)
+            diagnose = cfg.diagnostics.exact_every > 0 and step % cfg.diagnostics.exact_every == 0
+            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, diagnose)
         rollout.sync_weights()
         metrics.update(rstats)
         metrics.update({
