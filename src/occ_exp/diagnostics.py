@@ -145,31 +145,33 @@ class GradientProbe:
         g_rl, g_k = self.rl(), self.mtp(k, loss_k)[: len(self.shared)]
         return ExactTerms(_dot(g_rl, g_k), _dot(g_k, g_k), _dot(g_rl, g_rl))
 
+    def _mtp_parts(self, term) -> list[tuple[float, Grads]]:
+        K = len(term.losses)
+        return [(lam / K, self.mtp(k, lk)) for k, (lam, lk) in enumerate(zip(term.coefs, term.losses))]
+
     def mtp_direction(self, term) -> Grads:
         """u = (1/K) sum_k lambda_k grad L_MTP,k on the shared parameters (the MTP part of the update)."""
-        K = len(term.losses)
-        u: Grads = [None] * len(self.shared)
-        for k, (lam, lk) in enumerate(zip(term.coefs, term.losses)):
-            for i, g in enumerate(self.mtp(k, lk)[: len(self.shared)]):
-                if g is not None and lam != 0:
-                    u[i] = g * (lam / K) if u[i] is None else u[i] + g * (lam / K)
-        return u
+        return _weighted_sum(self._mtp_parts(term), len(self.shared))
 
     def backward(self, term) -> None:
         """Set .grad to the gradient of rl_loss + term.loss (uses term.loss == mean_k lambda_k L_k + extra)."""
         params = self.shared + self.heads
-        total: Grads = list(self.rl()) + [None] * len(self.heads)
-        K = len(term.losses)
-        parts = [(lam / K, self.mtp(k, lk)) for k, (lam, lk) in enumerate(zip(term.coefs, term.losses))]
+        parts = [(1.0, self.rl()), *self._mtp_parts(term)]
         if term.extra is not None:
             parts.append((1.0, self._grad(term.extra, params)))
-        for w, grads in parts:
-            for i, g in enumerate(grads):
-                if g is not None and w != 0:
-                    total[i] = g * w if total[i] is None else total[i] + g * w
-        for p, g in zip(params, total):
+        for p, g in zip(params, _weighted_sum(parts, len(params))):
             p.grad = None if g is None else g.detach().to(p.dtype)
         self._rl, self._mtp = None, {}  # free the per-loss gradients
+
+
+def _weighted_sum(parts: list[tuple[float, Grads]], n: int) -> Grads:
+    """sum_j w_j * grads_j over the first n parameters (None = zero)."""
+    total: Grads = [None] * n
+    for w, grads in parts:
+        for i, g in enumerate(grads[:n]):
+            if g is not None and w != 0:
+                total[i] = g * w if total[i] is None else total[i] + g * w
+    return total
 
 
 def exact_diagnostics(probe: GradientProbe, term, ctx, diag_cfg, objective=None, lr: float = 0.0) -> dict[str, float]:

@@ -97,6 +97,18 @@ def aggregate(runs: list[list[dict]], key: str, smooth: int = 1):
             np.array([max(v) for v in vals]))
 
 
+def _set_scale(ax, key: str, per_label: list[np.ndarray]) -> None:
+    """A log (signed: symlog) axis when the lines differ by more than 100x in typical size, e.g.
+    occ's lambda_t of 1e-3 next to a fixed 0.1, which a linear axis would flatten to zero."""
+    typical = [float(np.median(v[v > 0])) for v in per_label if (v > 0).any()]
+    if not typical or max(float(v.max()) for v in per_label) <= 100 * min(typical):
+        return
+    if key in SIGNED:
+        ax.set_yscale("symlog", linthresh=0.5 * min(typical))
+    elif all((v > 0).all() for v in per_label):
+        ax.set_yscale("log")
+
+
 def plot_dir(root: str | Path, out: str | Path | None = None, smooth: int = 1) -> list[Path]:
     import matplotlib
 
@@ -131,13 +143,7 @@ def plot_dir(root: str | Path, out: str | Path | None = None, smooth: int = 1) -
                         marker="o" if len(steps) < 30 else None, ms=3)
                 if n > 1:
                     ax.fill_between(steps, lo, hi, color=colors[lab], alpha=0.2, lw=0)
-            vals = np.abs(np.concatenate([data[(key, lab)][1] for lab in labels if data[(key, lab)] is not None]))
-            nonzero = vals[vals > 0]
-            if len(nonzero) and nonzero.max() > 100 * np.median(nonzero):  # e.g. occ's 1e-4 next to a fixed 0.1
-                if key in SIGNED:
-                    ax.set_yscale("symlog", linthresh=float(np.percentile(nonzero, 10)))
-                elif (vals > 0).all():
-                    ax.set_yscale("log")
+            _set_scale(ax, key, [np.abs(data[(key, lab)][1]) for lab in labels if data[(key, lab)] is not None])
             if key in SIGNED:
                 ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
             ax.set_title(ptitle, fontsize=10)
