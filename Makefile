@@ -2,6 +2,9 @@
 PY ?= python
 QUICK ?= 0
 SCALE ?= tiny
+JOBS ?= 2
+SEEDS ?=
+REPRO = $(PY) scripts/reproduce.py $(if $(filter 1,$(QUICK)),--quick) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
 .PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability
 
@@ -30,6 +33,15 @@ train: ## the default experiment (tiny model, regime=occ)
 
 data: ## fetch the six benchmarks and DAPO-Math-17k into data/ (needs the network and pyarrow: pip install -e '.[data]')
 	$(PY) scripts/fetch_data.py --data-dir data
+
+reproduce-table1: ## Table 1: regimes x seeds -> results/table1_tiny.{md,csv} (QUICK=1: ~5 min; SCALE=mimo7b: the plan)
+	$(REPRO) table1 --scale $(SCALE)
+
+reproduce-table2: ## Table 2: fixed-lambda sweep of policy and ce, occ and detach as reference rows
+	$(REPRO) table2
+
+reproduce-figure4: ## Figure 4: lambda_t, c and v2 (proxy and exact) against step -> results/figure4_tiny.png
+	$(REPRO) figure4
 
 clean: ## remove run outputs (keeps the warm-start cache)
 	rm -rf outputs multirun

@@ -64,6 +64,9 @@ def main(cfg: DictConfig) -> dict | None:
         console.print(f"[bold yellow]stopped[/] after step {summary['stopped_at_step']} (SIGTERM); "
                       f"checkpoint {summary['checkpoint']}; resume with the same command and hydra.run.dir={run_dir}")
         return summary
+    if summary["final/accuracy"] is None:  # trainer.total_steps=0 (e.g. only fill the warm-start cache)
+        console.print("[bold green]done[/] no RL steps to run")
+        return summary
     console.print(
         f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
         f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}\n"

@@ -49,24 +49,28 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * m).sum() / m.sum().clamp(min=1.0))
 
 
+def _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs):
+    """Per token max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)), r = exp(log_ratio),
+    aggregated; returns the loss and the clip fraction / mean ratio."""
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    pg1 = -a * ratio
+    pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate(torch.maximum(pg1, pg2), mask, agg, num_tokens, num_seqs)
+    with torch.no_grad():
+        stats = {"clipfrac": _masked_mean((pg2 > pg1).float(), mask), "ratio_mean": _masked_mean(ratio, mask)}
+    return loss, stats
+
+
 @register_policy_loss("clipped")
 def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="token_mean", num_tokens=None, num_seqs=None):
     """PPO/DAPO clipped surrogate with clip-higher: per token
     max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logp - logp_old)."""
     log_ratio = (logp - logp_old).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-    pg1 = -a * ratio
-    pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_tok = torch.maximum(pg1, pg2)
-    loss = aggregate(loss_tok, mask, agg, num_tokens, num_seqs)
+    loss, stats = _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs)
     with torch.no_grad():
-        metrics = {
-            "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
-            "approx_kl": _masked_mean(0.5 * log_ratio.pow(2), mask),
-            "ratio_mean": _masked_mean(ratio, mask),
-        }
-    return loss, metrics
+        stats["approx_kl"] = _masked_mean(0.5 * log_ratio.pow(2), mask)
+    return loss, stats
 
 
 @register_policy_loss("gspo")
@@ -76,16 +80,6 @@ def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_m
     m = mask.to(logp.dtype)
     seq_log_ratio = ((logp - logp_old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
     log_s = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()
-    ratio = torch.exp(log_s.clamp(-20.0, 20.0))
-    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-    pg1 = -a * ratio
-    pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_tok = torch.maximum(pg1, pg2)
-    loss = aggregate(loss_tok, mask, agg, num_tokens, num_seqs)
-    with torch.no_grad():
-        metrics = {
-            "clipfrac": _masked_mean((pg2 > pg1).float(), mask),
-            "approx_kl": float(0.5 * seq_log_ratio.pow(2).mean()),
-            "ratio_mean": _masked_mean(ratio, mask),
-        }
-    return loss, metrics
+    loss, stats = _clipped_surrogate(log_s, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs)
+    stats["approx_kl"] = float(0.5 * seq_log_ratio.detach().pow(2).mean())
+    return loss, stats
