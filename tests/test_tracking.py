@@ -4,6 +4,8 @@ the same W&B run."""
 import sys
 import types
 
+import psutil
+
 from omegaconf import OmegaConf
 
 from occ_exp.tracking import Tracker, read_metrics
@@ -48,7 +50,7 @@ def _fake_wandb(calls, logged):
         calls.append(kw)
         return _FakeRun(logged, kw)
 
-    return types.SimpleNamespace(init=init)
+    return types.SimpleNamespace(init=init, teardown=lambda: None)
 
 
 def test_wandb_resume_same_run_steps_never_go_back(tmp_path, monkeypatch):
@@ -69,3 +71,29 @@ def test_wandb_resume_same_run_steps_never_go_back(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(7))
     record("resume", "wandb_tracker_unit", kills_simulated=1, resumes_simulated=1, same_run_id=True, steps_backwards=0,
            duplicated_rows=0)
+
+
+def test_real_offline_wandb_run_leaves_no_process_behind(tmp_path, monkeypatch):
+    """A closed tracker stops W&B's service process (wandb-core), which otherwise outlives the run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    t = Tracker(_cfg("wandb"), tmp_path, resume_step=0)
+    t.log({"x": 1.0}, step=1)
+    t.close()
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = []
+        for c in psutil.Process().children(recursive=True):
+            try:
+                if c.pid not in before and "wandb" in " ".join(c.cmdline()):
+                    left.append(c)
+            except psutil.Error:
+                pass  # it exited while we looked
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"W&B processes alive after close(): {[c.pid for c in left]}"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # the offline run was written

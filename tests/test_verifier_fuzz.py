@@ -258,6 +258,8 @@ def _run_mode(items: list[tuple[str, str]], soft_timeout: bool) -> dict[str, obj
     max_call_s = 0.0
     false_positives: list[str] = []
     t_start = time.monotonic()
+    # Children that other tests in this process left (none expected, but not this test's concern).
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
     v = Verifier(num_workers=NUM_WORKERS, timeout_s=TIMEOUT_S, soft_timeout=soft_timeout)
     try:
         seen_pids.update(v.worker_pids())
@@ -300,6 +302,8 @@ def _run_mode(items: list[tuple[str, str]], soft_timeout: bool) -> dict[str, obj
     survivors = [p for p in seen_pids if not _gone(p)]
     assert not survivors, f"workers alive after close(): {survivors}"
     for child in psutil.Process().children(recursive=True):
+        if child.pid in before:
+            continue
         try:
             cmd = " ".join(child.cmdline())
         except psutil.Error:

@@ -87,8 +87,13 @@ class Tracker:
 
     def close(self) -> None:
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
             self.wandb_run = None
+            # finish() leaves W&B's service process (wandb-core) running until interpreter exit;
+            # a run owns its process, so stop it here (the next init starts a fresh one).
+            wandb.teardown()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

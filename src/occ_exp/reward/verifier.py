@@ -639,6 +639,11 @@ class Verifier:
         self.worker_cache_size = int(worker_cache_size)
         self._poison: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._poison_size = int(poison_cache_size)
+        if mp.get_start_method(allow_none=True) not in (None, *mp.get_all_start_methods()):
+            # Inside a joblib / loky worker (e.g. hydra/launcher=parallel) the process-wide start
+            # method is "loky", which multiprocessing's own children cannot re-create when they
+            # unpickle their preparation data: reset it (our workers use their own context anyway).
+            mp.set_start_method(None, force=True)
         self._ctx = mp.get_context(method)
         if method == "forkserver":
             # Only takes effect if this process has not started its forkserver yet
