@@ -60,6 +60,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the policy's forward (trunk + MTP heads) for the learner
     mtp_warmup_steps: int = 0  # detached MTP CE steps for fresh heads on real checkpoints
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (occ_exp.data.prompts)
     arch: TinyArch = field(default_factory=TinyArch)
@@ -135,6 +136,11 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 96
     batch_size: int = 0  # sequences per generate call (0 = all at once)
+    min_new_tokens: int = 0  # EOS is not sampled before this many tokens (benchmarks fix the work per step with it)
+    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode) instead of
+    # transformers.generate; `compile` also torch.compiles its decode step (implies static_cache).
+    static_cache: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -296,6 +302,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0, got {c.rollout.temperature}")
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
     _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {c.rollout.max_new_tokens}")
+    _require(c.rollout.min_new_tokens >= 0, "rollout.min_new_tokens", f"must be >= 0, got {c.rollout.min_new_tokens}")
 
     from occ_exp.data.benchmarks import BENCHMARKS
 
