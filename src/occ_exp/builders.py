@@ -3,13 +3,13 @@ them from a checkpoint. Kept apart from the trainer so the loop reads like the a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from occ_exp.config import ConfigError
-from occ_exp.models.loading import load_policy_folder, resolve_dtype
+from occ_exp.models.loading import CheckpointError, check_tokenizer, load_policy_folder, resolve_dtype
 
 
 @dataclass
@@ -19,6 +19,7 @@ class Env:
     task: object
     reward_fn: object
     warmstart: dict | None = None
+    fresh_mtp_layers: list[int] = field(default_factory=list)  # MTP layers not in the checkpoint
 
 
 def build_task(data_cfg):
@@ -35,7 +36,8 @@ def build_task(data_cfg):
     raise ValueError(f"data={data_cfg.name!r} has no data.path; choose data=tiny or data=dapo_math, or set data.path")
 
 
-def build(cfg, device: torch.device, log=print) -> Env:
+def build(cfg, device: torch.device, log=print, with_warm_start: bool = True) -> Env:
+    """`with_warm_start=False` skips the tiny model's warm start (a resumed run loads its checkpoint)."""
     from occ_exp.reward.rewards import build_reward
 
     task = build_task(cfg.data)
@@ -50,21 +52,32 @@ def build(cfg, device: torch.device, log=print) -> Env:
 
         policy, tokenizer = build_tiny_policy(cfg.model, seed=cfg.model.warmstart.seed)
         policy.to(device)
-        if cfg.model.warmstart.enabled:
+        if cfg.model.warmstart.enabled and with_warm_start:
             if cfg.data.name != "tiny":
                 raise ConfigError(f"model=tiny warm-starts on the countdown task, not data={cfg.data.name}; use "
                                  "data=tiny, a checkpoint (model.path=...), or model.warmstart.enabled=false")
             report = warm_start(policy, tokenizer, task, cfg.model, cfg.data, cfg.paths.cache_dir, device,
                                 reward_fn, log=log)
         policy.to(dtype=dtype)
-    else:
-        policy, tokenizer = load_policy_folder(cfg.model.path, device=device, dtype=dtype)
-    return Env(policy, tokenizer, task, reward_fn, report)
+        return Env(policy, tokenizer, task, reward_fn, report)
+    from occ_exp.models.loading import load_pretrained
+
+    m = cfg.model
+    loaded = load_pretrained(m.path, num_mtp_layers=m.num_mtp_layers, gguf_file=m.gguf_file, device=device,
+                             dtype=dtype, attn_implementation=m.attn_implementation, seed=cfg.seed,
+                             cache_dir=cfg.paths.cache_dir, log=log)
+    check_tokenizer(loaded.tokenizer, m.path)
+    log(f"model: {m.path} ({loaded.source}), MTP layers loaded {loaded.loaded_mtp_layers}, "
+        f"fresh {loaded.fresh_mtp_layers}")
+    return Env(loaded.policy, loaded.tokenizer, task, reward_fn, None, loaded.fresh_mtp_layers)
 
 
-def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None) -> int:
-    """Restore model, optimiser, scheduler, RNGs, data position and OCC state; returns the step.
-    Under FSDP2 (`dist.enabled`) rank 0 reads the files and the state is broadcast and sharded."""
+def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None, guard=None,
+                rollout=None) -> int:
+    """Restore model, optimiser, scheduler, RNGs, data position, OCC state, the numerical guard's
+    counters and the rollout engine's state (if it has one); returns the step. Under FSDP2
+    (`dist.enabled`) rank 0 reads the files and the state is broadcast and sharded. A checkpoint of
+    another model size is a CheckpointError naming the differences."""
     from occ_exp import distributed as D
     from occ_exp.checkpoint import load_trainer_state, set_rng_state
 
@@ -79,7 +92,11 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
     else:
         loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config, device=device)
         policy.load_state_dict(loaded.state_dict())
-    D.load_optimizer_state_dict(policy, optimizer, state["optimizer"], dist)
+    try:
+        D.load_optimizer_state_dict(policy, optimizer, state["optimizer"], dist)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: its optimizer state does not fit this run's trainable parameters "
+                              f"(written with another regime or model?): {e}") from None
     scheduler.load_state_dict(state["scheduler"])
     per_rank = state.get("rng_per_rank") or []  # written by sharded runs; may hold fewer ranks than now
     set_rng_state(per_rank[dist.rank] if dist.rank < len(per_rank) else state["rng"])
@@ -87,4 +104,8 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
     prompts.load_state_dict(state["prompts"])
     for cs, s in zip(coef_states, state["coef_states"]):
         cs.load_state_dict(s)
+    if guard is not None and "guard" in state:
+        guard.load_state_dict(state["guard"])
+    if rollout is not None and "rollout" in state and hasattr(rollout, "load_state_dict"):
+        rollout.load_state_dict(state["rollout"])
     return int(state["step"])

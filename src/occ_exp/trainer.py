@@ -142,6 +142,45 @@ class PromptStream:
         self.epoch, self.pos, self._order = state.get("epoch", 0), state.get("pos", 0), None
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimiser updates in a row had a non-finite loss, gradient norm or lambda."""
+
+
+class NonFiniteGuard:
+    """Numerical guard of the learner: an optimiser update whose loss, gradient norm or MTP
+    coefficient is not finite is skipped (weights, optimiser, scheduler and OCC estimator state
+    untouched) and counted; `max_consecutive` skips in a row stop the run with NonFiniteError.
+    Its counters are part of a checkpoint."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.total = 0
+
+    def skip(self, step: int, loss: float, grad_norm: float, coefs: list[float]) -> bool:
+        values = {"loss": loss, "grad_norm": grad_norm, **{f"lambda_d{k + 1}": c for k, c in enumerate(coefs)}}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            self.streak = 0
+            return False
+        self.streak += 1
+        self.total += 1
+        if self.streak >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.streak} optimiser updates in a row had non-finite values (last at step {step}: "
+                f"{', '.join(f'{k}={v}' for k, v in bad.items())}); each was skipped and the weights are unchanged. "
+                "Lower optimizer.lr or regime.lambda_plus, check the data, or raise trainer.max_consecutive_skips; "
+                "then resume from the last checkpoint."
+            )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.total = int(state["streak"]), int(state["total"])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,17 +237,21 @@ def mean_dict(rows: list[dict]) -> dict:
 
 # -- the learner phase --------------------------------------------------------------------------
 def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
-                   dist=None) -> dict:
+                   dist=None, guard: "NonFiniteGuard | None" = None, step: int = 0) -> dict:
     """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
 
     Each optimiser step sees one mini-batch; under several ranks each rank holds an equal slice of
     it, and each slice is cut into micro-batches of at most `algorithm.max_tokens_per_micro_batch`
-    tokens whose gradients accumulate (occ_exp.learner explains why the result is the same)."""
+    tokens whose gradients accumulate (occ_exp.learner explains why the result is the same).
+    Updates with a non-finite loss, gradient norm or lambda are skipped (see NonFiniteGuard); the
+    values it checks are global (reduced over ranks), so every rank skips the same updates."""
     from occ_exp.distributed import Dist, clip_grads, grad_norm
     from occ_exp.learner import Denominators, MetricAccumulator, estimate_coefs, split_micro_batches
 
     dist = dist or Dist()
+    guard = guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips)
     a, o = cfg.algorithm, cfg.optimizer
+    guard = guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips)
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
     mtp_params = [p for p in policy.mtp_parameters() if p.requires_grad]
@@ -222,6 +265,7 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
             micro = split_micro_batches(mb, a.max_tokens_per_micro_batch, dist)
             split = len(micro) > 1 or dist.world_size > 1
             denom = Denominators.of(mb, dist) if split else Denominators(None, None)
+            coef_before = [c.state_dict() for c in coef_states]
             coefs = None
             if split and regime.estimates_coef and len(micro) > 1:  # lambda before any backward
                 with torch.no_grad():
@@ -252,22 +296,24 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
             mtp_gnorm, trunk_gnorm = grad_norm(mtp_params, dist), grad_norm(trunk_params, dist)
             gnorm = torch.hypot(mtp_gnorm, trunk_gnorm)  # params = trunk + MTP layers
             clip_grads(params, o.grad_clip, gnorm)
-            skipped = not (math.isfinite(metrics["train/loss"]) and math.isfinite(float(gnorm))
-                           and all(map(math.isfinite, term.coefs)))
+            skipped = guard.skip(step, metrics["train/loss"], float(gnorm), term.coefs)
             if skipped:
                 optimizer.zero_grad(set_to_none=True)
+                for c, s in zip(coef_states, coef_before):
+                    c.load_state_dict(s)
             else:
                 optimizer.step()
                 scheduler.step()
             rows.append({
                 **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": float(trunk_gnorm),
-                "mtp/grad_norm": float(mtp_gnorm), "train/skipped_updates": float(skipped),
+                "mtp/grad_norm": float(mtp_gnorm), "train/skipped_steps": float(skipped),
                 "train/lr": scheduler.get_last_lr()[0],
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
             })
     metrics = mean_dict(rows)
-    metrics["train/skipped_updates"] = sum(r["train/skipped_updates"] for r in rows)
+    metrics["train/skipped_steps"] = sum(r["train/skipped_steps"] for r in rows)  # optimiser steps skipped
+    metrics["train/skipped_steps_total"] = guard.total
     coefs = [r["mtp/coef"] for r in rows]
     metrics["mtp/coef_first"], metrics["mtp/coef_last"] = coefs[0], coefs[-1]
     return metrics
@@ -293,10 +339,19 @@ def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int 
 
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
-    """Run one experiment; returns the final metrics."""
+    """Run one experiment; returns the final metrics. SIGTERM stops it after the current step, with
+    a checkpoint (see occ_exp.preemption)."""
+    from occ_exp.preemption import GracefulStop
+
+    with GracefulStop(log=log) as stop:
+        return _train(cfg, run_dir, log, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     from occ_exp import builders
     from occ_exp import distributed as D
-    from occ_exp.checkpoint import latest_complete, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+    from occ_exp.checkpoint import resolve_resume, rng_state, save_checkpoint, set_aside_newer
+    from occ_exp.faults import fault_point
     from occ_exp.tracking import Tracker
 
     validate(cfg)
@@ -312,12 +367,15 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
+    ckpt = resolve_resume(run_dir, t.resume, log)
 
     # 1. evaluation sets (files checked first), model, tokenizer, data, reward, rollout engine
+    #    (no warm start when a checkpoint has the weights)
     eval_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.eval_problems)
     final_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.final_eval_problems)
     with dist.main_first():  # rank 0 fills the warm-start cache, the others read it
-        env = builders.build(cfg, device, log=log)
+        env = builders.build(cfg, device, log=log, with_warm_start=ckpt is None)
+    seed_everything(cfg.seed)  # the RL phase's randomness must not depend on whether the warm start was cached
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
@@ -339,21 +397,32 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     evaluator = Evaluator(rollout, tokenizer, cfg.eval, cfg.model.chat_template,
                           Scorers({reward_kind(cfg.data): reward_fn}), dist=dist)
     gen = torch.Generator().manual_seed(cfg.seed)
+    guard = NonFiniteGuard(t.max_consecutive_skips)
 
-    # 2. resume
+    # 2. resume: weights, optimiser, scheduler, RNGs, data position, OCC and guard state
     start = 0
-    ckpt = latest_complete(run_dir) if t.resume == "auto" else (Path(t.resume) if t.resume != "never" else None)
     if ckpt is not None:
-        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=dist)
+        start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device,
+                                     dist=dist, guard=guard, rollout=rollout)
+        if dist.is_main:
+            set_aside_newer(run_dir, start, log)
         log(f"resumed from {ckpt} at step {start}")
+        rollout.sync_weights()
+    elif env.fresh_mtp_layers and cfg.model.mtp_warmup_steps > 0:  # fresh heads on a real checkpoint
+        from occ_exp.models.warmstart import mtp_warmup
+
+        mtp_warmup(policy, tokenizer, task, cfg.model, env.fresh_mtp_layers, device, rollout, seed=cfg.seed, log=log)
+        rollout.sync_weights()
     tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
-                      OmegaConf.to_container(cfg, resolve=True), resume_step=start if ckpt else None)
+                      OmegaConf.to_container(cfg, resolve=True), resume_step=start)
 
     def checkpoint(step: int) -> Path:
         state = {"step": step, "optimizer": D.optimizer_state_dict(policy, optimizer, dist),
                  "scheduler": scheduler.state_dict(), "rng": rng_state(), "generator": gen.get_state(),
                  "prompts": prompts.state_dict(), "coef_states": [c.state_dict() for c in coef_states],
-                 **D.extra_trainer_state(dist)}
+                 "guard": guard.state_dict(), **D.extra_trainer_state(dist)}
+        if hasattr(rollout, "state_dict"):  # e.g. a sampler with its own RNG
+            state["rollout"] = rollout.state_dict()
         model_sd = D.full_model_state_dict(policy, dist)  # collective; None without a process group
         path = None
         if dist.is_main:
@@ -374,9 +443,13 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
 
     bar = tqdm(range(start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", disable=not (t.progress and dist.is_main),
                initial=start, total=t.total_steps, mininterval=1.0)
-    last: dict = {}
+    last: dict = tracker.last_row if start >= t.total_steps else {}  # resuming a finished run: nothing to do
     last_ckpt = ckpt
+    stopped_at = None
     for step in bar:
+        if step == start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
+            stopped_at = start
+            break
         timer = PhaseTimer(cuda=device.type == "cuda")
         t_step = time.perf_counter()
         with timer("rollout"):
@@ -405,9 +478,12 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
                 batch = dist.gather_rollouts(batch, len(problems))
                 rewards, lengths, rstats = batch.rewards, batch.response_mask.sum(-1), dist.mean_dict(rstats)
         with timer("update"):
-            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, dist)
+            metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, dist,
+                                     guard, step)
         rollout.sync_weights()
+        fault_point("during_step", step)
         metrics.update(rstats)
+        metrics.update(batch.stats)  # the engine's own counters (weight version, speculative acceptance)
         metrics.update({
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -434,11 +510,19 @@ def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", coef=f"{metrics['mtp/coef']:+.2e}",
                         accept=f"{metrics['mtp/acceptance']:.3f}")
         last = metrics
-        if is_last or (t.save_every and step % t.save_every == 0):
+        stopping = stop.should_stop()
+        if is_last or stopping or (t.save_every and step % t.save_every == 0):
             last_ckpt = checkpoint(step)
+        fault_point("after_step", step)
+        if stopping and not is_last:
+            log(f"stopped after step {step} on request (SIGTERM); checkpoint {last_ckpt}. "
+                "Run the same command with the same hydra.run.dir to resume.")
+            stopped_at = step
+            break
 
     # 4. summary
-    summary = {"final/accuracy": last.get("eval/accuracy"), "final/n": last.get("eval/n"),
+    summary = {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
+               "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
                "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": str(tracker.metrics_path),
                "run_dir": str(run_dir)}

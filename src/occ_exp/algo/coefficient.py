@@ -28,11 +28,20 @@ def register_estimator(name: str):
     return deco
 
 
+_BIG = 1e100  # |d| cap in float64: squares and sums of up to 1e100 tokens stay finite
+
+
 def proxy_terms(logp_main, logp_mtp, logp_old, mask):
-    """(c_hat, v2_hat) of the paper's proxy, summed over the response mask, in float64."""
+    """(c_hat, v2_hat) of the paper's proxy, summed over the response mask, in float64.
+    A non-finite per-token difference (a log-prob of -inf) counts as +-1e100, a NaN one as 0,
+    so both sums are always finite."""
     m = mask.to(torch.float64)
-    d_rl = (logp_main.detach().to(torch.float64) - logp_old.to(torch.float64)) * m
-    d_mtp = (logp_mtp.detach().to(torch.float64) - logp_old.to(torch.float64)) * m
+
+    def diff(x):
+        d = x.detach().to(torch.float64) - logp_old.to(torch.float64)
+        return torch.nan_to_num(d, nan=0.0, posinf=_BIG, neginf=-_BIG).clamp(-_BIG, _BIG) * m
+
+    d_rl, d_mtp = diff(logp_main), diff(logp_mtp)
     return (d_rl * d_mtp).sum(), (d_mtp * d_mtp).sum()
 
 
@@ -55,8 +64,10 @@ def occ_coefficient(
     sampled tokens under the current main head and the (aligned) MTP head, `logp_old` under the
     rollout policy. Computed without gradient, in float64; returns a 0-dim float32 tensor. The
     result may be negative (the MTP head moves against the policy's update), and is finite for
-    every finite input: v2_hat >= 0 and eps > 0 (non-finite log-probs in masked-out positions are
-    ignored).
+    every input: v2_hat >= 0 and eps > 0; log-probs in masked-out positions are ignored, and
+    infinite differences inside the mask are capped (see `proxy_terms`), so a head that gives the
+    sampled token probability 0 gets lambda ~ 0, the limit of c/v2 as d_mtp -> -inf. The value
+    saturates at float32's largest finite number.
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
@@ -70,7 +81,9 @@ def occ_coefficient(
     c_hat, v2_hat = proxy_terms(
         torch.where(keep, logp_main, zero), torch.where(keep, logp_mtp, zero), torch.where(keep, logp_old, zero), keep
     )
-    return (lambda_plus * c_hat / (v2_hat + eps)).to(torch.float32)
+    lam = torch.nan_to_num(lambda_plus * c_hat / (v2_hat + eps), nan=0.0)
+    f32 = torch.finfo(torch.float32).max
+    return lam.clamp(-f32, f32).to(torch.float32)
 
 
 @register_estimator("paper")
@@ -90,6 +103,8 @@ class CoefficientState:
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         lam = raw
+        if not torch.isfinite(raw):  # never let one bad estimate poison the EMA; the learner skips the update
+            return raw
         if self.ema > 0:
             prev = lam if self.value is None else torch.as_tensor(self.value, dtype=lam.dtype)
             lam = self.ema * prev + (1 - self.ema) * lam

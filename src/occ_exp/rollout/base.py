@@ -122,3 +122,34 @@ def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.
     is_eos = tokens == eos_id
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return ~after_eos, ~is_eos.any(-1)
+
+
+def pack_sequences(prompt_ids: list[list[int]], responses: list[list[int]], logps: list[list[float]],
+                   prompt_index: list[int], tokenizer, device="cpu") -> RolloutBatch:
+    """The learner's layout from unpadded sequences (engines that return token lists): prompts
+    left-padded to the longest, responses right-padded, the mask up to and including the first EOS."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    B, P = len(responses), max(len(p) for p in prompt_ids)
+    R = max(1, max(len(r) for r in responses))
+    ids = torch.full((B, P + R), pad, dtype=torch.long)
+    attn = torch.zeros((B, P), dtype=torch.long)
+    logp = torch.zeros((B, R), dtype=torch.float32)
+    length = torch.zeros(B, dtype=torch.long)
+    for b, (i, r, lp) in enumerate(zip(prompt_index, responses, logps)):
+        p = prompt_ids[i]
+        ids[b, P - len(p) : P] = torch.tensor(p)
+        attn[b, P - len(p) :] = 1
+        ids[b, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+        logp[b, : len(r)] = torch.tensor(lp, dtype=torch.float32)
+        length[b] = len(r)
+    gen = ids[:, P:]  # a view: padding below lands in ids
+    valid = torch.arange(R)[None] < length[:, None]
+    resp_mask, truncated = response_mask_from_tokens(gen.masked_fill(~valid, -1), eos)  # pad may equal EOS
+    resp_mask &= valid
+    gen.masked_fill_(~resp_mask, pad)
+    texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+    return RolloutBatch(
+        input_ids=ids, attention_mask=torch.cat([attn, resp_mask.long()], 1), response_mask=resp_mask,
+        logp_sampler=logp.masked_fill(~resp_mask, 0.0), prompt_len=P, texts=texts,
+        prompt_index=torch.tensor(prompt_index, dtype=torch.long), truncated=truncated,
+    ).to(device)

@@ -1,0 +1,142 @@
+"""Checkpoints: atomic, verified by their manifest, pruned only after a new one is complete."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from occ_exp.checkpoint import (atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
+                                resolve_resume, save_checkpoint, set_aside_newer, verify_manifest)
+from occ_exp.config import ConfigError
+from tests.reliability_log import record
+
+
+def _save(run_dir, step, tiny_policy, keep_last=10):
+    policy, tok = tiny_policy
+    return save_checkpoint(run_dir, step, policy, tok, {"step": step, "x": torch.arange(3)}, "a: 1\n", keep_last)
+
+
+def test_save_is_complete_and_verified(tmp_path, tiny_policy):
+    ckpt = _save(tmp_path, 3, tiny_policy)
+    assert ckpt.name == "step_000003" and verify_manifest(ckpt)
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"model/model.safetensors", "model/config.json", "trainer_state.pt", "config.yaml"} <= set(files)
+    assert load_trainer_state(ckpt)["step"] == 3
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete_file", "no_manifest", "bad_manifest"])
+def test_damaged_checkpoint_is_skipped(tmp_path, tiny_policy, damage):
+    good = _save(tmp_path, 1, tiny_policy)
+    bad = _save(tmp_path, 2, tiny_policy)
+    target = bad / "model" / "model.safetensors"
+    if damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        os.truncate(target, target.stat().st_size // 2)
+    elif damage == "delete_file":
+        (bad / "trainer_state.pt").unlink()
+    elif damage == "no_manifest":
+        (bad / "manifest.json").unlink()
+    else:
+        (bad / "manifest.json").write_text("{not json")
+    seen = []
+    assert latest_complete(tmp_path, log=seen.append) == good
+    assert "step_000002" in seen[0]
+    record("checkpoint_damage", damage, injected=1, detected=True, resumed_from="step_000001")
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, tiny_policy):
+    good = _save(tmp_path, 1, tiny_policy)
+    # what a kill during a save leaves: a temporary folder without manifest
+    tmp = tmp_path / "checkpoints" / ".tmp_step_000002_99999"
+    (tmp / "model").mkdir(parents=True)
+    (tmp / "model" / "model.safetensors").write_bytes(b"partial")
+    assert latest_complete(tmp_path) == good
+    _save(tmp_path, 3, tiny_policy)  # the next save clears the leftover
+    assert not tmp.exists()
+
+
+def test_keep_last_prunes_after_completion_and_counts_only_complete(tmp_path, tiny_policy):
+    for s in (1, 2):
+        _save(tmp_path, s, tiny_policy, keep_last=2)
+    # step 2 gets damaged: it must not count among the two kept
+    (tmp_path / "checkpoints" / "step_000002" / "trainer_state.pt").unlink()
+    _save(tmp_path, 3, tiny_policy, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 3]
+    _save(tmp_path, 4, tiny_policy, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+    _save(tmp_path, 5, tiny_policy, keep_last=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5]
+
+
+def test_resaving_a_step_replaces_it(tmp_path, tiny_policy):
+    _save(tmp_path, 2, tiny_policy)
+    ckpt = _save(tmp_path, 2, tiny_policy)
+    assert verify_manifest(ckpt) and [s for s, _ in list_checkpoints(tmp_path)] == [2]
+    assert not list((tmp_path / "checkpoints").glob(".old_*"))
+
+
+def test_newer_checkpoints_are_set_aside_on_resume(tmp_path, tiny_policy):
+    for s in (1, 2, 3):
+        _save(tmp_path, s, tiny_policy)
+    set_aside_newer(tmp_path, 1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert latest_complete(tmp_path).name == "step_000001"
+    assert sorted(p.name.split("_")[1] for p in (tmp_path / "checkpoints" / "superseded").iterdir()) == ["000002", "000003"]
+
+
+def test_resume_setting(tmp_path, tiny_policy):
+    assert resolve_resume(tmp_path, "auto") is None  # a fresh run dir
+    ckpt = _save(tmp_path, 1, tiny_policy)
+    assert resolve_resume(tmp_path, "auto") == ckpt
+    assert resolve_resume(tmp_path, "never") is None
+    assert resolve_resume(tmp_path, str(ckpt)) == ckpt
+    for bad in (tmp_path / "nope", tmp_path):
+        with pytest.raises(ConfigError, match="trainer.resume: .* is not a complete checkpoint"):
+            resolve_resume(tmp_path, str(bad))
+
+
+def test_atomic_write_text(tmp_path):
+    p = tmp_path / "f.txt"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two" and [x.name for x in tmp_path.iterdir()] == ["f.txt"]
+
+
+def _short(smoke_overrides, steps):
+    from tests.conftest import compose_cfg
+
+    return compose_cfg(smoke_overrides + ["model.warmstart.enabled=false", f"trainer.total_steps={steps}",
+                                          "trainer.eval_every=0", "trainer.final_eval_problems=4"])
+
+
+def test_resuming_a_finished_run_does_nothing(smoke_overrides, tmp_path):
+    from occ_exp.trainer import train
+    from occ_exp.tracking import read_metrics
+
+    first = train(_short(smoke_overrides, 1), tmp_path, log=lambda *_: None)
+    again = train(_short(smoke_overrides, 1), tmp_path, log=lambda *_: None)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert again["final/accuracy"] == first["final/accuracy"] and again["stopped_at_step"] is None
+
+
+def test_sigterm_during_set_up_stops_before_the_first_step(smoke_overrides, tmp_path):
+    import signal
+
+    from occ_exp.trainer import train
+    from occ_exp.tracking import read_metrics
+
+    train(_short(smoke_overrides, 1), tmp_path, log=lambda *_: None)
+
+    def log(msg):  # the signal arrives while the run is being set up (after the resume)
+        if str(msg).startswith("resumed from"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = train(_short(smoke_overrides, 3), tmp_path, log=log)
+    assert summary["stopped_at_step"] == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
