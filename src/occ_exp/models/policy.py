@@ -62,6 +62,14 @@ class MTPPolicy(nn.Module):
             layer_cls = mtp_layer_class_for(lm)
             lm.model.mtp_layers = nn.ModuleList([layer_cls(cfg, i) for i in range(num_mtp_layers)])
         cfg.num_nextn_predict_layers = len(lm.model.mtp_layers)
+        # The final norm's input is the residual stream the MTP layers read: a hook registered once
+        # catches it when `trunk_forward` asks (a hook registered per call would stop torch.compile).
+        self._prenorm: dict[str, torch.Tensor | bool] = {}
+        lm.model.norm.register_forward_hook(self._catch_prenorm)  # a bound method: copies catch for themselves
+
+    def _catch_prenorm(self, _module, args, _out) -> None:
+        if "want" in self._prenorm:
+            self._prenorm["h"] = args[0]
 
     # -- parameter groups ---------------------------------------------------------------------
     @property
@@ -119,14 +127,12 @@ class MTPPolicy(nn.Module):
         model = self.lm.model
         embeds = model.embed_tokens(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # The final norm's input is the residual stream the MTP layers read; catch it on the way.
-        captured: list[torch.Tensor] = []
-        hook = model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+        self._prenorm["want"] = True
         try:
             out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
         finally:
-            hook.remove()
-        return TrunkOutput(out.last_hidden_state, captured[-1], embeds, position_ids, attention_mask,
+            del self._prenorm["want"]
+        return TrunkOutput(out.last_hidden_state, self._prenorm.pop("h"), embeds, position_ids, attention_mask,
                            input_ids[:, P:], P)
 
     def mtp_forward(
