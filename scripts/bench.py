@@ -469,7 +469,7 @@ def learner_throughput(args, peak: float | None) -> dict:
     batch = learner_batch(base, tok, cfg, PROMPTS * GROUP, NEW_TOKENS)
     eager = make_learner(cfg, base, "detach")
     compiled = make_learner(cfg, base, "detach")
-    compiled[0].compile(dynamic=True)
+    compiled[0].compile_forward(dynamic=True)
     med, _ = time_learner({"eager": (*eager, {}), "compiled": (*compiled, {})}, batch, {"eager": cfg, "compiled": cfg},
                           args.reps)
     out["tiny"] = learner_figures(batch, med, model_size(base.config, base.num_mtp_layers), peak)

@@ -153,7 +153,7 @@ def test_compiled_learner_equals_eager(tiny_policy):
     for compiled in (False, True):
         p = copy.deepcopy(policy)
         if compiled:
-            p.compile(dynamic=True)
+            p.compile_forward(dynamic=True)
         regime = get_regime("occ")
         opt, sched = build_optimizer(cfg.optimizer, p, regime)
         states = [CoefficientState() for _ in range(p.num_mtp_layers)]

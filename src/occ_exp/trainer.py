@@ -380,7 +380,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
     if cfg.model.compile:  # the learner's forward/backward; shapes vary by step, so symbolic from the start
-        policy.compile(dynamic=True)
+        policy.compile_forward(dynamic=True)
     if dist.enabled:
         log(f"learner: FSDP2 over {dist.world_size} rank(s) on {device.type}, compute dtype "
             f"{D.compute_dtype(cfg.distributed, device)}, activation checkpointing {cfg.model.gradient_checkpointing}")

@@ -89,7 +89,7 @@ class StaticDecoder:
         """The model on one new token per row (written to cache slot `cur`), then sampling."""
         L = key_valid.shape[1]
         mask = (key_valid & (torch.arange(L, device=key_valid.device) <= cur))[:, None, None, :]
-        out = self.lm.model(input_ids=tokens[:, None], attention_mask={"full_attention": mask},
+        out = self.lm.model(input_ids=tokens[:, None], attention_mask=mask,  # 4D: used as it is
                             position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         logits = self.lm.lm_head(out.last_hidden_state[:, -1])
         return sample_tokens(logits, finished, eos_bias, greedy=greedy, temperature=temperature, top_p=top_p,
