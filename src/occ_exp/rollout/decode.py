@@ -3,11 +3,11 @@
 `transformers.generate` spends most of a small model's decode step outside the model: a cache
 that grows by concatenation (copying it at every token), a fresh attention mask, logits
 processors and stopping criteria in Python at every token. Here each distinct prompt is run once
-(the G samples of a group share it) and its keys / values are copied into a
-`transformers.StaticCache` whose length is rounded up to a multiple of `PAD_MULTIPLE`; then each
-new token is one fixed-shape call of `decode_step` (the model's forward on one token per row,
-then sampling), which `torch.compile` turns into one fused graph. The shapes repeat at every
-token and every RL step, so it compiles once per (batch size, cache length).
+(the G samples of a group share it) and its keys / values are copied into a preallocated cache
+(`DecodeCache`, its length rounded up to a multiple of `PAD_MULTIPLE`); then each new token is
+one call of `decode_step` (the model's forward on one token per row, then sampling), which
+`torch.compile` turns into one fused graph. Decoding a batch is bound by reading the cache, so
+each step attends only to the slots written so far, rounded up to a multiple of PAD_MULTIPLE.
 
 Sampling: tokens are drawn from softmax(logits / temperature) (top-p as configured, by the same
 rule as transformers' TopPLogitsWarper) with the Gumbel-max trick, which needs no
@@ -21,7 +21,7 @@ log_softmax(logits).
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 PAD_MULTIPLE = 16  # cache lengths are rounded up to this, so a few shapes cover all steps
 
@@ -62,33 +62,51 @@ def sample_tokens(logits: torch.Tensor, finished: torch.Tensor, eos_bias: torch.
     return tokens, logp, finished | (tokens == eos_id)
 
 
+class DecodeCache:
+    """Keys / values of one decode loop, preallocated per layer as [B, heads, L, head_dim], in the
+    form transformers' attention layers use a cache (`update(keys, values, layer_idx)`). The new
+    token's keys / values go to slot `slot`; attention reads only the first `window` slots (the
+    newest token's slot rounded up to a multiple of PAD_MULTIPLE), so early tokens do not pay for
+    the whole length: decoding a batch is bound by reading the cache."""
+
+    def __init__(self, prefix: DynamicCache, group: int, length: int):
+        self.keys, self.values = [], []
+        for layer in prefix.layers:
+            k, v = layer.keys.repeat_interleave(group, 0), layer.values.repeat_interleave(group, 0)
+            P = k.shape[2]
+            self.keys.append(k.new_zeros(*k.shape[:2], length, k.shape[3]))
+            self.values.append(v.new_zeros(*v.shape[:2], length, v.shape[3]))
+            self.keys[-1][:, :, :P] = k
+            self.values[-1][:, :, :P] = v
+        self.slot: torch.Tensor | None = None
+        self.window: torch.Tensor | None = None  # a [B, window] tensor: its width is the window
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.slot, key_states)
+        values.index_copy_(2, self.slot, value_states)
+        w = self.window.shape[1]
+        return keys[:, :, :w], values[:, :, :w]
+
+
 class StaticDecoder:
-    """Prefill + fixed-shape decode steps over a StaticCache for one causal LM (e.g. `policy.lm`).
+    """Prefill + fixed-shape decode steps over a preallocated cache for one causal LM (e.g. `policy.lm`).
 
     The model's weights are read at every call, so the learner's in-place optimiser updates are
-    always seen (nothing is frozen into the compiled graph)."""
+    always seen (nothing is frozen into the compiled graph). Compiled, the decode step is traced
+    once per batch size and sampling mode, with the window width symbolic."""
 
     def __init__(self, lm, compile: bool = False):
         self.lm = lm
-        self._caches: dict[tuple, StaticCache] = {}
-        self.step = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
+        self.step = torch.compile(self.decode_step, dynamic=None) if compile else self.decode_step
 
-    def _cache(self, batch: int, length: int) -> StaticCache:
-        key = (batch, length)
-        cache = self._caches.get(key)
-        if cache is None:
-            if len(self._caches) >= 4:  # a handful of shapes (training, evaluation); drop the oldest
-                self._caches.pop(next(iter(self._caches)))
-            cache = self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=length)
-        else:
-            cache.reset()
-        return cache
-
-    def decode_step(self, tokens, positions, key_valid, cur, finished, eos_bias, cache, *, greedy, temperature,
+    def decode_step(self, tokens, positions, key_window, cur, finished, eos_bias, cache, *, greedy, temperature,
                     top_p, eos_id, pad_id):
-        """The model on one new token per row (written to cache slot `cur`), then sampling."""
-        L = key_valid.shape[1]
-        mask = (key_valid & (torch.arange(L, device=key_valid.device) <= cur))[:, None, None, :]
+        """The model on one new token per row (written to cache slot `cur`, attending to the slots of
+        `key_window`, [B, window] True where a key is a real token), then sampling."""
+        W = key_window.shape[1]
+        cache.slot, cache.window = cur.view(1), key_window
+        mask = (key_window & (torch.arange(W, device=key_window.device) <= cur))[:, None, None, :]
         out = self.lm.model(input_ids=tokens[:, None], attention_mask=mask,  # 4D: used as it is
                             position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         logits = self.lm.lm_head(out.last_hidden_state[:, -1])
@@ -108,16 +126,14 @@ class StaticDecoder:
         dev = input_ids.device
         if group < 1 or B % group:
             raise ValueError(f"{B} rows do not split into groups of {group} copies of a prompt")
-        L = round_up(P + max_new_tokens, PAD_MULTIPLE)  # cache length: few distinct values over a run
-        cache = self._cache(B, L)
+        L = round_up(P + max_new_tokens, PAD_MULTIPLE)
         # prefill: each distinct prompt once (transformers builds the causal + padding mask)
         ids, mask = input_ids[::group], attention_mask[::group]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         prefix = DynamicCache(config=self.lm.config)
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefix,
                             use_cache=True)
-        for layer, src in zip(cache.layers, prefix.layers):
-            layer.update(src.keys.repeat_interleave(group, 0), src.values.repeat_interleave(group, 0))
+        cache = DecodeCache(prefix, group, L + 1)  # one spare slot: a window is never the whole cache (one trace)
         logits = self.lm.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(group, 0)
         key_valid = torch.cat([attention_mask.bool(), torch.ones(B, L - P, dtype=torch.bool, device=dev)], 1)
         kw = dict(greedy=greedy, temperature=float(temperature), top_p=float(top_p), eos_id=int(eos_id),
@@ -130,8 +146,10 @@ class StaticDecoder:
         for t in range(1, max_new_tokens):
             if bool(finished.all()):
                 break
-            cur = torch.tensor(P + t - 1, device=dev)  # the cache slot the previous token is written to
-            tok, lp, finished = self.step(tok, pos, key_valid, cur, finished,
+            slot = P + t - 1  # the cache slot the previous token is written to
+            window = key_valid[:, : round_up(slot + 1, PAD_MULTIPLE)].contiguous()  # same strides every width
+            torch._dynamo.maybe_mark_dynamic(window, 1)  # compiled: one trace for every width
+            tok, lp, finished = self.step(tok, pos, window, torch.tensor(slot, device=dev), finished,
                                           suppress if t < min_new_tokens else allow, cache, **kw)
             tokens.append(tok)
             logps.append(lp)
