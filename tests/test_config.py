@@ -91,3 +91,20 @@ def test_clip_parametrisation():
     validate(compose_cfg(["algorithm.clip_low=0.3", "algorithm.clip_high=0.1"]))
     with pytest.raises(ConfigError, match=r"\[1-clip_low, 1\+clip_high\]"):
         validate(compose_cfg(["algorithm.clip_high=-0.5"]))
+
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["diagnostics.taylor_check=true"], "diagnostics.taylor_check"),
+        (["diagnostics.exact_every=1", "diagnostics.taylor_check=true", "diagnostics.taylor_eta=-1"],
+         "diagnostics.taylor_eta"),
+        (["regime=frozen", "regime.head_ce=0.1"], "regime.head_ce"),
+        (["diagnostics.exact_every=-2"], "diagnostics.exact_every"),
+    ],
+)
+def test_diagnostics_and_head_ce_rules(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(overrides))
+    assert str(e.value).startswith(key)

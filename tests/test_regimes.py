@@ -101,3 +101,71 @@ def test_unknown_regime_is_clear():
 
 def test_registry_has_the_four_regimes():
     assert {"detach", "ce", "policy", "occ"} <= set(REGIMES)
+
+
+def test_registry_has_the_extra_baselines():
+    assert {"detach_ref", "frozen", "soft_ce"} <= set(REGIMES)
+    assert not get_regime("frozen").train_heads
+
+
+def test_detach_ref_reaches_the_lm_head_only(tiny_policy):
+    policy, _ = tiny_policy
+    assert not policy.config.tie_word_embeddings
+    policy.zero_grad(set_to_none=True)
+    term, _ = _term(policy, "detach_ref")
+    term.loss.backward()
+    for n, p in policy.trunk_named_parameters():
+        if n == "lm_head.weight":
+            assert not _is_zero(p.grad), "the reference detach lets the MTP CE reach the LM head"
+        else:
+            assert _is_zero(p.grad), f"{n} received an MTP gradient under detach_ref"
+
+
+def test_frozen_applies_no_mtp_term(tiny_policy):
+    policy, _ = tiny_policy
+    term, _ = _term(policy, "frozen")
+    assert term.coefs == [0.0] * policy.num_mtp_layers
+    assert term.loss.item() == 0.0 and all(l.item() > 0 for l in term.losses)  # CE still measured
+
+
+def test_soft_ce_is_distillation_on_the_main_head(tiny_policy):
+    policy, _ = tiny_policy
+    policy.zero_grad(set_to_none=True)
+    term, out = _term(policy, "soft_ce", coef=1.0)
+    ids, attn, mask = _batch(policy.config.vocab_size)
+    p = out.logits_main.detach().softmax(-1)
+    for k, lk in enumerate(term.losses):
+        per_tok = -(p * out.logits_mtp[k].log_softmax(-1)).sum(-1)
+        assert torch.isclose(lk, per_tok[mask].mean(), rtol=1e-5)
+    term.loss.backward()
+    assert all(_is_zero(p.grad) for p in policy.trunk_parameters())
+    assert any(not _is_zero(p.grad) for p in policy.mtp_parameters())
+
+
+def test_head_ce_trains_only_the_heads(tiny_policy):
+    """regime.head_ce adds the detach regime's CE: same trunk gradient, more head gradient."""
+    policy, _ = tiny_policy
+
+    def grads(head_ce):
+        policy.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        cfg = compose_cfg(["regime=policy", f"regime.head_ce={head_ce}"])
+        ids, attn, mask = _batch(policy.config.vocab_size)
+        out = policy(ids, attn, mask.shape[1])
+        logp_old = (out.logp_main.detach() + 0.05 * torch.randn_like(out.logp_main)).masked_fill(~mask, 0)
+        ctx = MTPContext(out, logp_old, torch.randn(ids.shape[0]), mask, cfg.regime, cfg.algorithm,
+                         [CoefficientState() for _ in range(policy.num_mtp_layers)], policy=policy)
+        term = mtp_term(get_regime("policy"), ctx)
+        term.loss.backward()
+        g = lambda ps: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ps]  # noqa: E731
+        return term, out, g(policy.trunk_parameters()), g(policy.mtp_parameters())
+
+    t0, _, trunk0, heads0 = grads(0.0)
+    t1, out1, trunk1, heads1 = grads(0.5)
+    assert t0.extra is None and t1.extra is not None
+    mask = _batch(policy.config.vocab_size)[2]
+    ce = sum(-lp.detach()[mask].mean() for lp in out1.logp_mtp) / policy.num_mtp_layers
+    assert torch.isclose(t1.extra, 0.5 * ce, rtol=1e-5)
+    assert torch.isclose(t1.loss - t0.loss, t1.extra, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(trunk0, trunk1))
+    assert any(not torch.allclose(a, b) for a, b in zip(heads0, heads1))

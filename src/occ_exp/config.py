@@ -196,8 +196,11 @@ class LoggerConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    exact_every: int = 0  # exact c and v2 on the trunk every N steps (0 = off)
-    taylor_check: bool = False
+    """Exact correlation / penalty on the shared parameters (see occ_exp.diagnostics)."""
+
+    exact_every: int = 0  # exact c and v2 on the trunk every N steps, on the step's last mini-batch (0 = off)
+    taylor_check: bool = False  # on diagnosed steps: realised vs predicted MTP-induced change of the objective
+    taylor_eta: Optional[float] = None  # SGD step size of the Taylor check (null = optimizer.lr)
 
 
 @dataclass
@@ -379,7 +382,21 @@ def validate(cfg: DictConfig | Config) -> None:
     _validate_distributed(c)
     _require(c.logger.mode in ("online", "offline", "disabled", "shared"), "logger.mode",
              f"choose online, offline, disabled or shared (a wandb mode); got {c.logger.mode!r}")
-    _require(c.diagnostics.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
+    dg = c.diagnostics
+    _require(dg.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
+    _require(not dg.taylor_check or dg.exact_every >= 1, "diagnostics.taylor_check",
+             "runs on diagnosed steps only; also set diagnostics.exact_every >= 1")
+    _require(dg.taylor_eta is None or (_finite(dg.taylor_eta) and dg.taylor_eta > 0), "diagnostics.taylor_eta",
+             f"must be null (= optimizer.lr) or > 0, got {dg.taylor_eta}")
+    from occ_exp.distributed import world_size_from_env
+
+    exact = (r.name == "occ" and r.estimator == "exact") or dg.exact_every > 0
+    _require(not exact or (a.max_tokens_per_micro_batch == 0 and (world_size_from_env() or 1) == 1),
+             "diagnostics.exact_every / regime.estimator=exact",
+             "exact gradients are taken on one whole mini-batch in one process: set "
+             "algorithm.max_tokens_per_micro_batch=0 and run without torchrun (or use estimator=paper)")
+    _require(r.head_ce == 0 or REGIMES[r.name].train_heads, "regime.head_ce",
+             f"regime={r.name} does not train the MTP heads; set regime.head_ce=0 or pick another regime")
 
 
 def _validate_distributed(c) -> None:

@@ -36,7 +36,7 @@ from occ_exp.algo.regimes import MTPContext, get_regime, mtp_term
 from occ_exp.config import validate
 from occ_exp.data.benchmarks import load_benchmarks
 from occ_exp.data.prompts import format_prompts
-from occ_exp.diagnostics import mtp_health
+from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
 from occ_exp.evaluate import Evaluator, Scorers, eval_metrics, write_eval
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout.base import RolloutBatch, build_rollout
@@ -237,30 +237,36 @@ def mean_dict(rows: list[dict]) -> dict:
 
 # -- the learner phase --------------------------------------------------------------------------
 def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
-                   dist=None, guard: "NonFiniteGuard | None" = None, step: int = 0) -> dict:
+                   dist=None, guard: "NonFiniteGuard | None" = None, step: int = 0, diagnose: bool = False) -> dict:
     """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
 
     Each optimiser step sees one mini-batch; under several ranks each rank holds an equal slice of
     it, and each slice is cut into micro-batches of at most `algorithm.max_tokens_per_micro_batch`
     tokens whose gradients accumulate (occ_exp.learner explains why the result is the same).
     Updates with a non-finite loss, gradient norm or lambda are skipped (see NonFiniteGuard); the
-    values it checks are global (reduced over ranks), so every rank skips the same updates."""
+    values it checks are global (reduced over ranks), so every rank skips the same updates.
+    `diagnose`: exact diagnostics on the last mini-batch (see occ_exp.diagnostics)."""
     from occ_exp.distributed import Dist, clip_grads, grad_norm
     from occ_exp.learner import Denominators, MetricAccumulator, estimate_coefs, split_micro_batches
 
     dist = dist or Dist()
     guard = guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips)
     a, o = cfg.algorithm, cfg.optimizer
-    guard = guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips)
     params = [p for p in policy.parameters() if p.requires_grad]
     trunk_params = [p for p in policy.trunk_parameters() if p.requires_grad]
     mtp_params = [p for p in policy.mtp_parameters() if p.requires_grad]
     policy_loss = POLICY_LOSSES[a.policy_loss]
     n_groups = batch.input_ids.shape[0] // a.group_size
+
+    def rl_objective(out, mb, denom):
+        return policy_loss(out.logp_main, mb.logp_old, mb.advantages, mb.response_mask, clip_low=a.clip_low,
+                           clip_high=a.clip_high, agg=a.loss_agg, num_tokens=denom.tokens, num_seqs=denom.seqs)
+
     rows = []
     policy.train()
-    for _epoch in range(a.ppo_epochs):
-        for idx in minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen):
+    for epoch in range(a.ppo_epochs):
+        mbs = minibatch_indices(n_groups, a.group_size, a.num_mini_batches, gen)
+        for i, idx in enumerate(mbs):
             mb = batch.select(dist.share_of(idx))
             micro = split_micro_batches(mb, a.max_tokens_per_micro_batch, dist)
             split = len(micro) > 1 or dist.world_size > 1
@@ -273,7 +279,7 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                 coefs = estimate_coefs(regime, [r for r, _ in micro], outs, [m for _, m in micro],
                                        batch.advantages[idx], cfg, coef_states, dist)
             optimizer.zero_grad(set_to_none=True)
-            acc = MetricAccumulator()
+            acc, diag = MetricAccumulator(), {}
             for _, m in micro:
                 out = policy(m.input_ids, m.attention_mask, m.response_len,
                              detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
@@ -281,14 +287,21 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                     coefs = estimate_coefs(regime, [micro[0][0]], [out], [m], batch.advantages[idx], cfg,
                                            coef_states, dist)
                 mask = m.response_mask
-                rl_loss, pm = policy_loss(out.logp_main, m.logp_old, m.advantages, mask, clip_low=a.clip_low,
-                                          clip_high=a.clip_high, agg=a.loss_agg, num_tokens=denom.tokens,
-                                          num_seqs=denom.seqs)
+                rl_loss, pm = rl_objective(out, m, denom)
+                # per-loss gradients, taken only if an estimator or the diagnostics ask (one micro-batch)
+                probe = GradientProbe(rl_loss, trunk_params, mtp_params)
                 ctx = MTPContext(out, m.logp_old, m.advantages, mask, cfg.regime, a, coef_states,
-                                 num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs)
+                                 num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs, policy=policy, probe=probe)
                 term = mtp_term(regime, ctx)
                 loss = rl_loss + term.loss
-                loss.backward()
+                if diagnose and not split and epoch == a.ppo_epochs - 1 and i == len(mbs) - 1:  # see diagnostics.py
+                    objective = lambda: rl_objective(policy(m.input_ids, m.attention_mask, m.response_len,  # noqa: E731
+                                                            with_mtp=False), m, denom)[0]  # (the Taylor check)
+                    diag = exact_diagnostics(probe, term, ctx, cfg.diagnostics, objective, lr=scheduler.get_last_lr()[0])
+                if probe.used:  # same gradient as loss.backward(), from the per-loss gradients already taken
+                    probe.backward(term)
+                else:
+                    loss.backward()
                 acc.add({"train/loss": loss.item(), "train/rl_loss": rl_loss.item(), "mtp/term": term.loss.item(),
                          **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, mask)},
                         weight=float(mask.sum()))
@@ -310,6 +323,7 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
                 "train/lr": scheduler.get_last_lr()[0],
                 "mtp/coef": term.coefs[0] if term.coefs else 0.0,
                 **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
+                **diag,
             })
     metrics = mean_dict(rows)
     metrics["train/skipped_steps"] = sum(r["train/skipped_steps"] for r in rows)  # optimiser steps skipped
@@ -478,8 +492,9 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
                 batch = dist.gather_rollouts(batch, len(problems))
                 rewards, lengths, rstats = batch.rewards, batch.response_mask.sum(-1), dist.mean_dict(rstats)
         with timer("update"):
+            diagnose = cfg.diagnostics.exact_every > 0 and step % cfg.diagnostics.exact_every == 0
             metrics = learner_update(policy, optimizer, scheduler, regime, batch, cfg, coef_states, gen, dist,
-                                     guard, step)
+                                     guard, step, diagnose)
         rollout.sync_weights()
         fault_point("during_step", step)
         metrics.update(rstats)

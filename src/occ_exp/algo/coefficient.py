@@ -8,10 +8,26 @@ theta <- theta + eta * (g_RL + lambda * g_MTP), for an L-smooth J, has the MTP-d
 
 maximised at lambda* proportional to c / v2. OCC replaces the gradients by a log-probability
 proxy computed from the current mini-batch at no extra cost (see `occ_coefficient`).
+
+Estimator variants (`regime.estimator`, the registry `ESTIMATORS`), each one registered function:
+
+| name             | lambda_t                                                                          |
+|------------------|-----------------------------------------------------------------------------------|
+| `paper`          | lambda_plus * sum(d_rl*d_mtp) / (sum(d_mtp^2) + eps) over the response mask (default) |
+| `reference_code` | lambda_plus * mean over ALL B*R positions of d_rl*d_mtp / (d_mtp^2 + eps)           |
+|                  | (the public reference implementation's form: heavy-tailed, diluted by padding)     |
+| `paper_in_clip`  | `paper`, summed only over tokens whose main- and MTP-head ratios exp(logp - logp_old)|
+|                  | lie inside the clip region [1 - clip_low, 1 + clip_high] (robust to badly wrong heads)|
+| `exact`          | lambda_plus * c / (v2 + eps) from the exact gradients on the shared parameters     |
+|                  | (the expensive oracle: two extra backward passes per mini-batch)                   |
+
+Post-processing by `CoefficientState` (smoothing `regime.ema`, clipping `regime.clip`) applies to
+every estimator; the paper uses neither.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -34,7 +50,8 @@ _BIG = 1e100  # |d| cap in float64: squares and sums of up to 1e100 tokens stay 
 def proxy_terms(logp_main, logp_mtp, logp_old, mask):
     """(c_hat, v2_hat) of the paper's proxy, summed over the response mask, in float64.
     A non-finite per-token difference (a log-prob of -inf) counts as +-1e100, a NaN one as 0,
-    so both sums are always finite."""
+    so both sums are always finite. These are plain sums, so a data-parallel learner makes them
+    global with one all-reduce (occ_exp.learner gathers the mini-batch's per-token terms first)."""
     m = mask.to(torch.float64)
 
     def diff(x):
@@ -86,9 +103,53 @@ def occ_coefficient(
     return lam.clamp(-f32, f32).to(torch.float32)
 
 
+# Every estimator: fn(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **kw) -> 0-dim float32,
+# without gradient. Keywords the learner passes: clip_low, clip_high (the policy loss's clip
+# range), probe (a diagnostics.GradientProbe on this mini-batch's graph), k (the depth, 0-based)
+# and loss_k (the depth's MTP loss, with graph).
 @register_estimator("paper")
 def _paper(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **_):
     return occ_coefficient(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps)
+
+
+@register_estimator("reference_code")
+@torch.no_grad()
+def _reference_code(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **_):
+    """The public reference implementation's form: the per-token ratio d_rl*d_mtp / (d_mtp^2 + eps)
+    (0 outside the mask), averaged over all B*R positions, padding included. Each term is bounded
+    by |d_rl| / (2*sqrt(eps)) but dominated by tokens where d_mtp is tiny, and the mean shrinks
+    with the share of padding."""
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=torch.float64, device=logp_main.device)
+    d_rl = torch.where(keep, logp_main.detach().double() - logp_old.double(), zero)
+    d_mtp = torch.where(keep, logp_mtp.detach().double() - logp_old.double(), zero)
+    ratio = d_rl * d_mtp / (d_mtp * d_mtp + eps)
+    return (lambda_plus * ratio.mean()).to(torch.float32)
+
+
+@register_estimator("paper_in_clip")
+def _paper_in_clip(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, *, clip_low=0.2, clip_high=0.28, **_):
+    """`paper`, with the sums restricted to tokens where both heads' importance ratios
+    exp(logp - logp_old) lie in [1 - clip_low, 1 + clip_high]: the few tokens where the MTP head is
+    badly wrong (|d_mtp| large, and outside the trust region anyway) no longer dominate v2_hat."""
+    lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
+    keep = mask.bool()
+    for logp in (logp_main, logp_mtp):
+        d = (logp.detach() - logp_old).double()
+        keep = keep & (d >= lo) & (d <= hi)
+    return occ_coefficient(logp_main, logp_mtp, logp_old, keep, lambda_plus, eps)
+
+
+@register_estimator("exact")
+def _exact(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, *, probe=None, k=0, loss_k=None, **_):
+    """lambda_plus * c / (v2 + eps) with c = <grad L_RL, grad L_MTP,k>, v2 = ||grad L_MTP,k||^2 on
+    the shared parameters of this mini-batch (`diagnostics.GradientProbe`): the oracle the proxy
+    stands in for, at the price of two extra backward passes per mini-batch."""
+    if probe is None or loss_k is None:
+        raise ValueError("regime.estimator=exact needs the learner's gradient probe and the MTP loss "
+                         "(it runs inside occ_exp.trainer.learner_update); use estimator=paper elsewhere")
+    t = probe.terms(k, loss_k)
+    return torch.tensor(lambda_plus * t.corr / (t.penalty + eps), dtype=torch.float32)
 
 
 class CoefficientState:
