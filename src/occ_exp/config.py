@@ -388,6 +388,8 @@ def validate(cfg: DictConfig | Config) -> None:
              "runs on diagnosed steps only; also set diagnostics.exact_every >= 1")
     _require(dg.taylor_eta is None or (_finite(dg.taylor_eta) and dg.taylor_eta > 0), "diagnostics.taylor_eta",
              f"must be null (= optimizer.lr) or > 0, got {dg.taylor_eta}")
+    _require(not (dg.taylor_check and c.model.compile), "diagnostics.taylor_check",
+             "needs second derivatives, which torch.compile'd graphs do not give; set model.compile=false")
     from occ_exp.distributed import world_size_from_env
 
     exact = (r.name == "occ" and r.estimator == "exact") or dg.exact_every > 0
