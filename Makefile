@@ -31,5 +31,8 @@ train: ## the default experiment (tiny model, regime=occ)
 data: ## fetch the six benchmarks and DAPO-Math-17k into data/ (needs the network and pyarrow: pip install -e '.[data]')
 	$(PY) scripts/fetch_data.py --data-dir data
 
+bench: ## performance: our RL step vs TRL's, the optimisation ladder, learner FLOP/s, memory, vLLM (QUICK=1: ~2 min; needs pip install -e '.[bench]')
+	$(PY) scripts/bench.py $(if $(filter 1,$(QUICK)),--quick,)
+
 clean: ## remove run outputs (keeps the warm-start cache)
 	rm -rf outputs multirun

@@ -43,8 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("occ_exp") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "src"))  # this checkout's code, whatever else is installed
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -67,12 +66,14 @@ SAME_WORK = [
 # The optimisation ladder: each rung adds one optimisation to the one above it.
 LADDER = [
     ("plain: transformers.generate, logp_old recomputed, eager learner",
-     ["rollout.static_cache=false", "rollout.compile=false", "algorithm.recompute_logp_old=true", "model.compile=false"]),
-    ("+ static KV cache decode loop, prompt prefill once per group (rollout.static_cache=true)",
-     ["rollout.static_cache=true"]),
+     ["rollout.static_cache=false", "rollout.compile=false", "algorithm.recompute_logp_old=true",
+      "model.share_prompts=false", "model.compile=false"]),
+    ("+ own decode loop: preallocated cache read up to the newest token, prompt prefill once per group "
+     "(rollout.static_cache=true)", ["rollout.static_cache=true"]),
     ("+ compiled decode step (rollout.compile=true)", ["rollout.compile=true"]),
     ("+ sampler log-probs as logp_old, no recomputation (algorithm.recompute_logp_old=false)",
      ["algorithm.recompute_logp_old=false"]),
+    ("+ learner runs each prompt once for its G samples (model.share_prompts=true)", ["model.share_prompts=true"]),
     ("+ compiled learner forward/backward (model.compile=true)", ["model.compile=true"]),
 ]
 
@@ -299,6 +300,10 @@ def full_step(args, workdir: Path) -> dict:
         ladder.append({"rung": name, **r})
         print(f"[bench]   {name}: {r['step_s']:.3f} s/step (phases {fmt_phases(r['phases'])})", flush=True)
     best = list(acc)
+    if importlib.util.find_spec("trl") is None:
+        missing = "TRL is not installed (pip install -e '.[bench]')"
+        return {"regime": regime, "ladder": ladder, "rounds": [], "trl_over_ours_step": missing,
+                "ours_best_overrides": best, "summary": missing}
     rounds = []
     for rnd in range(args.rounds):
         trl = run_trl(args.steps, args.warmup, args.threads, workdir)
@@ -467,11 +472,15 @@ def learner_throughput(args, peak: float | None) -> dict:
     cfg = compose(over)
     base, tok = build_tiny_policy(cfg.model, seed=0)
     batch = learner_batch(base, tok, cfg, PROMPTS * GROUP, NEW_TOKENS)
-    eager = make_learner(cfg, base, "detach")
-    compiled = make_learner(cfg, base, "detach")
-    compiled[0].compile_forward(dynamic=True)
-    med, _ = time_learner({"eager": (*eager, {}), "compiled": (*compiled, {})}, batch, {"eager": cfg, "compiled": cfg},
-                          args.reps)
+    variants = {}
+    kinds = (("eager", False, False), ("compiled", False, True), ("compiled, shared prompts", True, True))
+    for name, share, comp in kinds[:: 2 if args.quick else 1]:
+        learner = make_learner(cfg, base, "detach")
+        learner[0].share_prompts = share
+        if comp:
+            learner[0].compile_forward(dynamic=True)
+        variants[name] = (*learner, {})
+    med, _ = time_learner(variants, batch, dict.fromkeys(variants, cfg), args.reps)
     out["tiny"] = learner_figures(batch, med, model_size(base.config, base.num_mtp_layers), peak)
     rows, new = (16, 128) if not args.quick else (8, 64)
     s_pol, s_tok, s_cfg = smollm2_policy(over)
@@ -483,7 +492,7 @@ def learner_throughput(args, peak: float | None) -> dict:
     med, _ = time_learner({"eager": (*make_learner(s_cfg, s_pol, "detach"), {})}, s_batch, {"eager": s_cfg},
                           1 if args.quick else 2)
     out["smollm2_135m"] = {"source": source, **learner_figures(s_batch, med, model_size(s_pol.config, s_pol.num_mtp_layers), peak)}
-    t = out["tiny"]["compiled"]
+    t = out["tiny"]["compiled, shared prompts"]
     s = out["smollm2_135m"]["eager"]
     out["summary"] = (f"tiny {t['tokens_per_second']:.0f} tok/s ({t['mfu']:.0%} of the matmul peak, compiled); "
                       f"SmolLM2-135M {s['tokens_per_second']:.0f} tok/s ({s['mfu']:.0%}, eager)")
@@ -526,7 +535,7 @@ def vllm_over_hf(args) -> dict:
         return {"vllm_over_hf_rollout": NA, "summary": f"vllm_over_hf_rollout: {NA}"}
     from omegaconf import OmegaConf
 
-    from occ_exp.rollout.base import build_rollout
+    from occ_exp.rollout.base import build_rollout, sampling
 
     torch.set_num_threads(args.threads)
     n_prompts, n, new = (64, 4, 128) if not args.quick else (16, 4, 32)
@@ -537,23 +546,29 @@ def vllm_over_hf(args) -> dict:
 
     prompts = format_prompts([Problem(prompt=p, answer="") for p in prompts], tok, cfg.model.chat_template)
     engines = {}
-    for name, over in (("vllm", ["rollout=vllm"]), ("hf", ["rollout=hf"]), ("hf_static", ["rollout=hf", "rollout.static_cache=true"])):
+    names = [("vllm", ["rollout=vllm"]), ("hf", ["rollout=hf"])]
+    if args.quick:  # this project's decode loop too (in the full run it would add several minutes)
+        names.append(("hf_static", ["rollout=hf", "rollout.static_cache=true"]))
+    for name, over in names:
         c = compose([f"trainer.threads={args.threads}", "model=smollm2", *over, f"rollout.max_new_tokens={new}"])
         engines[name] = build_rollout(OmegaConf.create(OmegaConf.to_container(c.rollout)), policy, tok, "cpu")
     rates = {k: [] for k in engines}
     try:
-        for rep in range(max(1, args.reps // 3) + 1):
+        for name, ro in engines.items():  # warm-up: lazy initialisation, not timed
+            with sampling(ro, max_new_tokens=8):
+                ro.generate(prompts[:4], 1)
+        for _ in range(args.vllm_reps):
             for name, ro in engines.items():
                 t0 = time.perf_counter()
                 b = ro.generate(prompts, n)
-                if rep:
-                    rates[name].append(float(b.response_mask.sum()) / (time.perf_counter() - t0))
+                rates[name].append(float(b.response_mask.sum()) / (time.perf_counter() - t0))
     finally:
         for ro in engines.values():
             ro.close()
     med = {k: median(v) for k, v in rates.items()}
     ratio = med["vllm"] / med["hf"]
     return {"tokens_per_second": med, "all": rates, "prompts": n_prompts, "samples": n, "max_new_tokens": new,
+            "reps": args.vllm_reps,
             "vllm_over_hf_rollout": ratio, "summary": f"vllm_over_hf_rollout = {ratio:.2f}"}
 
 
@@ -566,83 +581,129 @@ def verdict(key: str, value) -> str:
     return f"**{value:.3f}** (target {op} {target}: {'met' if ok else 'NOT met'})"
 
 
+def _num(x, fmt=".2f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+
 def write_report(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))
-    m, fs, mc, lt, vl = res["machine"], res.get("full_step", {}), res.get("mtp_cost", {}), res.get("learner", {}), res.get("vllm", {})
-    L = ["# Performance benchmark", "", f"Command: `{res['command']}`  ({res['date']}, {res['wall_s']:.0f} s)", "",
-         f"- machine: {m['cpu']}, {m['cpus']} CPUs; torch threads pinned to **{m['threads']}** for every figure",
-         f"- load average (1/5/15 min) before / after: {m['load_before']} / {m['load_after']}"
-         + (" -- the machine was shared; wall-clock figures are noisy, ratios were measured side by side" if max(m['load_before'][0], m['load_after'][0]) > 1.5 else ""),
-         f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
-         f"- fp32 matmul peak (measured here): {res['matmul']['flop_per_s'] / 1e9:.0f} GFLOP/s" if "flop_per_s" in res.get("matmul", {}) else "- matmul peak: " + str(res.get("matmul")),
+    m = res["machine"]
+    fs, mem, mc = res.get("full_step", {}), res.get("memory", {}), res.get("mtp_cost", {})
+    lt, vl = res.get("learner", {}), res.get("vllm", {})
+    shared = max(m["load_before"][0], m["load_after"][0]) > 1.5
+    peak = res.get("matmul", {}).get("flop_per_s")
+    L = ["# Performance benchmark", "",
+         f"Command: `{res['command']}` ({res['date']}, {res['wall_s']:.0f} s in all)", "",
+         f"- machine: {m['cpu']}, {m['cpus']} CPUs; torch threads pinned to **{m['threads']}** for every figure "
+         "(both frameworks, every section)",
+         f"- load average (1 / 5 / 15 min) before / after: {m['load_before']} / {m['load_after']}"
+         + (" -- the machine was shared with other work: wall-clock figures are noisy; every ratio was measured "
+            "side by side in this run, and the step ratio is also given in CPU time" if shared else ""),
+         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f", python {m['python']}",
+         (f"- fp32 matmul peak measured in this run: **{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
+          if peak else f"- matmul peak: {res.get('matmul', 'not run')}"),
          f"- settings: {res['settings']}", "", "## Headline figures", "",
          "| figure | value |", "|---|---|"]
-    for key in ("trl_over_ours_step", "occ_over_detach_step", "diag_over_plain_step", "vllm_over_hf_rollout"):
-        src = {"trl_over_ours_step": fs, "occ_over_detach_step": mc, "diag_over_plain_step": mc, "vllm_over_hf_rollout": vl}[key]
-        L.append(f"| `{key}` | {verdict(key, src.get(key, src.get('error', 'not run')))} |")
-    if "tiny" in lt:
-        for model, fig in (("tiny", lt["tiny"]), ("SmolLM2-135M", lt["smollm2_135m"])):
-            for mode in ("eager", "compiled"):
-                if mode in fig:
-                    f = fig[mode]
-                    L.append(f"| learner `tokens_per_second`, {model} ({mode}) | {f['tokens_per_second']:.0f} tok/s, "
-                             f"{f['flop_per_s'] / 1e9:.1f} GFLOP/s = {f['mfu']:.1%} of the matmul peak |")
+    L.append(f"| `trl_over_ours_step` (wall clock) | {verdict('trl_over_ours_step', fs.get('trl_over_ours_step', fs.get('error', 'not run')))} |")
+    if "trl_over_ours_step_cpu" in fs:
+        L.append(f"| `trl_over_ours_step` (CPU time) | {verdict('trl_over_ours_step', fs['trl_over_ours_step_cpu'])} |")
+    L.append(f"| `occ_over_detach_step` | {verdict('occ_over_detach_step', mc.get('occ_over_detach_step', mc.get('error', 'not run')))} |")
+    L.append(f"| `diag_over_plain_step` | {verdict('diag_over_plain_step', mc.get('diag_over_plain_step', mc.get('error', 'not run')))} |")
+    L.append(f"| `vllm_over_hf_rollout` | {verdict('vllm_over_hf_rollout', vl.get('vllm_over_hf_rollout', vl.get('error', 'not run')))} |")
+    for model, key, mode in (("tiny", "tiny", "compiled, shared prompts"), ("SmolLM2-135M", "smollm2_135m", "eager")):
+        f = lt.get(key, {}).get(mode)
+        if f:
+            L.append(f"| learner `tokens_per_second`, {model} ({mode}) | {f['tokens_per_second']:.0f} tokens/s; "
+                     f"{f['flop_per_s'] / 1e9:.1f} model GFLOP/s = **{_num(f['mfu'], '.0%')}** of the matmul peak |")
+    if "ours" in mem:
+        L.append(f"| peak memory of a step (resident, GiB) | ours {max(mem['ours']['peak_rss_gib'].values()):.2f}, "
+                 f"TRL {mem['trl']['peak_rss_gib_step']:.2f} |")
+
     if "ladder" in fs:
         ladder = fs["ladder"]
-        L += ["", f"## One GRPO step: {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} new tokens, tiny model",
-              "", f"Ours: `regime={fs['regime']}` (MTP head in the loop, at least TRL's work). Each rung adds one "
-              f"optimisation to the one above (before / after). Median of {ladder[0]['steps_timed']} steps after "
-              f"{ladder[0]['warmup_steps']} warm-up steps (compilation); seconds.", "",
-              "| configuration | step | rollout | reward | logp_old | update | first step (compile) | step speed-up |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         base = ladder[0]["step_s"]
+        L += ["", f"## One GRPO step: {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} new tokens, tiny model", "",
+              f"Ours runs `regime={fs['regime']}` (its MTP head in the loop: forward for its metrics"
+              + (", no MTP gradient" if fs["regime"] == "frozen" else ", and its own CE backward") + "; TRL sees "
+              "`policy.lm` only). Each rung adds one optimisation to the one above it: the before / after of each. "
+              f"Median of {ladder[0]['steps_timed']} steps after {ladder[0]['warmup_steps']} warm-up steps (compilation "
+              "happens in the first); seconds per step and per phase.", "",
+              "| configuration | step | rollout | reward | logp_old | update | CPU s / step | first step | speed-up |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ladder:
             ph = r["phases"]
             L.append(f"| {r['rung']} | {r['step_s']:.3f} | {ph.get('rollout', 0):.3f} | {ph.get('reward', 0):.3f} | "
-                     f"{ph.get('logp_old', 0):.3f} | {ph.get('update', 0):.3f} | {r['first_step_s']:.1f} | {base / r['step_s']:.2f}x |")
+                     f"{ph.get('logp_old', 0):.3f} | {ph.get('update', 0):.3f} | {_num(r.get('step_cpu_s'), '.3f')} | "
+                     f"{r['first_step_s']:.1f} | {base / r['step_s']:.2f}x |")
         for i, rd in enumerate(fs["rounds"]):
             t = rd["trl"]
             L.append(f"| TRL {version('trl')} GRPOTrainer (round {i + 1}) | {t['step_s']:.3f} | {t['phases']['rollout']:.3f} | "
-                     f"{t['phases']['reward']:.3f} | - | {t['phases']['update']:.3f} | {t['first_step_s']:.1f} | {base / t['step_s']:.2f}x |")
-        L += ["", f"`trl_over_ours_step` = median over rounds of TRL's step / ours (best configuration) = "
-              f"**{fs['trl_over_ours_step']:.2f}**; with our plain configuration: {fs['trl_over_ours_plain_step']:.2f}.",
-              f" CPU time per step (robust to other processes): TRL / ours = **{fs['trl_over_ours_step_cpu']:.2f}**.",
-              "", "| round | TRL s | ours s | TRL / ours | TRL CPU s | ours CPU s | TRL / ours (CPU) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-        L += [f"| {i + 1} | {rd['trl']['step_s']:.3f} | {rd['ours']['step_s']:.3f} | {rd['ratio']:.2f} | "
-              f"{rd['trl']['step_cpu_s']:.3f} | {rd['ours']['step_cpu_s']:.3f} | {rd['ratio_cpu']:.2f} |" for i, rd in enumerate(fs["rounds"])]
-        L += ["", f"TRL settings: `{fs['rounds'][0]['trl']['settings']}`"]
+                     f"{t['phases']['reward']:.3f} | - | {t['phases']['update']:.3f} | {t['step_cpu_s']:.3f} | "
+                     f"{t['first_step_s']:.1f} | {base / t['step_s']:.2f}x |")
+        if fs["rounds"]:
+            L += ["", f"`trl_over_ours_step` = median over rounds of TRL's step time / ours (all optimisations) = "
+                  f"**{fs['trl_over_ours_step']:.2f}** (CPU time: {fs['trl_over_ours_step_cpu']:.2f}); against our "
+                  f"plain configuration: {fs['trl_over_ours_plain_step']:.2f}. Rounds run TRL, then ours, back to back:", "",
+                  "| round | TRL s | ours s | TRL / ours | TRL CPU s | ours CPU s | TRL / ours (CPU) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+            L += [f"| {i + 1} | {rd['trl']['step_s']:.3f} | {rd['ours']['step_s']:.3f} | {rd['ratio']:.2f} | "
+                  f"{rd['trl']['step_cpu_s']:.3f} | {rd['ours']['step_cpu_s']:.3f} | {rd['ratio_cpu']:.2f} |"
+                  for i, rd in enumerate(fs["rounds"])]
+            L += ["", f"TRL settings: `{fs['rounds'][0]['trl']['settings']}`"]
+        else:
+            L += ["", f"TRL: {fs['trl_over_ours_step']}"]
+        L += ["", f"Ours, all optimisations: `{' '.join(fs['ours_best_overrides'])}`"]
     elif "error" in fs:
         L += ["", f"Full-step comparison failed: {fs['error']}"]
-    mem = res.get("memory", {})
+
     if "ours" in mem:
         L += ["", "## Peak memory per phase (GiB, process peak resident memory)", "",
-              f"One step of each framework in a child process that returns freed memory to the system at once "
-              f"(`MALLOC_MMAP_THRESHOLD_=65536`), so each phase's peak is its own; the process holds "
-              f"{mem['process_rss_at_start_gib']:.2f} GiB (interpreter, libraries) before any model is built. "
-              f"Ours: `{' '.join(mem['overrides'])}`.", "",
-              "| phase | ours | TRL |", "|---|---:|---:|"]
-        L += [f"| {k} | {v:.2f} | |" for k, v in mem["ours"]["peak_rss_gib"].items()]
-        L.append(f"| whole step | {max(mem['ours']['peak_rss_gib'].values()):.2f} | {mem['trl']['peak_rss_gib_step']:.2f} |")
+              "One step of each framework in a child process whose allocator returns freed memory to the system at once "
+              "(`MALLOC_MMAP_THRESHOLD_=65536`), so that each phase's peak is its own and not memory an earlier phase "
+              f"left cached; the process holds {mem['process_rss_at_start_gib']:.2f} GiB (interpreter, libraries) "
+              f"before any model is built. Ours: `{' '.join(mem['overrides'])}`.", "",
+              "| phase | ours |", "|---|---:|"]
+        L += [f"| {k} | {v:.2f} |" for k, v in mem["ours"]["peak_rss_gib"].items()]
+        L += [f"| whole step, ours | {max(mem['ours']['peak_rss_gib'].values()):.2f} |",
+              f"| whole step, TRL | {mem['trl']['peak_rss_gib_step']:.2f} |"]
     elif "error" in mem:
         L += ["", f"Memory pass failed: {mem['error']}"]
+
     if "learner_step_s" in mc:
-        L += ["", "## MTP cost in the learner (one learner_update on the same batch, 4 mini-batches, eager; s)", "",
-              "| variant | learner step |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in mc["learner_step_s"].items()]
+        L += ["", f"## MTP cost in the learner (learner_update on one batch of {mc['rows']} rows x {mc['new_tokens']} "
+              f"tokens, {mc['num_mini_batches']} mini-batches, eager; median s over repetitions, variants interleaved)", "",
+              "| variant | learner step s |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in mc["learner_step_s"].items()]
+        L += ["", "`occ+diag` is occ with `diagnostics.exact_every=1` (exact c and v2 on the step's last mini-batch); "
+              "scripts/bench_mtp_cost.py breaks these costs down further."]
+    elif "error" in mc:
+        L += ["", f"MTP cost failed: {mc['error']}"]
+
     if "tiny" in lt:
-        L += ["", "## Learner throughput (regime=detach, one mini-batch)", "",
+        L += ["", "## Learner throughput (regime=detach, one mini-batch, learner_update)", "",
               "| model | mode | rows x tokens | tokens/s | model GFLOP/s | of matmul peak |", "|---|---|---|---:|---:|---:|"]
         for model, fig in (("tiny", lt["tiny"]), ("SmolLM2-135M", lt["smollm2_135m"])):
-            for mode in ("eager", "compiled"):
+            for mode in ("eager", "compiled", "compiled, shared prompts"):
                 if mode in fig:
                     f = fig[mode]
-                    L.append(f"| {model} | {mode} | {fig['rows']} x {fig['tokens'] // fig['rows']} | {f['tokens_per_second']:.0f} | "
-                             f"{f['flop_per_s'] / 1e9:.1f} | {f['mfu']:.1%} |")
-        L.append(f"\nSmolLM2-135M: {lt['smollm2_135m']['source']}.")
+                    L.append(f"| {model} | {mode} | {fig['rows']} x {fig['tokens'] // fig['rows']} | "
+                             f"{f['tokens_per_second']:.0f} | {f['flop_per_s'] / 1e9:.1f} | {_num(f['mfu'], '.1%')} |")
+        L += ["", f"SmolLM2-135M: {lt['smollm2_135m']['source']}, random token rows (no shared prompts). FLOP/s are model "
+              "FLOPs (6N + 12LHS per token of every row, N including the MTP layer and heads; occ_exp.plan); with shared "
+              "prompts the hardware does fewer, so that row is the rate the unshared computation would need for the "
+              "same speed."]
+    elif "error" in lt:
+        L += ["", f"Learner throughput failed: {lt['error']}"]
+
     if "tokens_per_second" in vl:
-        L += ["", f"## Rollout on SmolLM2-135M ({vl['prompts']} prompts x {vl['samples']} samples x up to {vl['max_new_tokens']} tokens)", "",
+        L += ["", f"## Rollout on SmolLM2-135M ({vl['prompts']} prompts x {vl['samples']} samples x up to "
+              f"{vl['max_new_tokens']} new tokens; tokens/s of sampled tokens, median of {vl['reps']} repetition(s) "
+              "after an untimed warm-up call)", "",
               "| engine | tokens/s |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in vl["tokens_per_second"].items()]
+        if "hf_static" in vl["tokens_per_second"]:
+            L += ["", "`hf_static` is rollout=hf with rollout.static_cache=true (this project's decode loop, uncompiled)."]
+    elif "error" in vl:
+        L += ["", f"vLLM comparison failed: {vl['error']}"]
     L += ["", "## Notes", ""] + [f"- {n}" for n in res.get("notes", [])]
     (out / "bench.md").write_text("\n".join(L) + "\n")
 
@@ -655,6 +716,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run (compilation)")
     ap.add_argument("--rounds", type=int, default=None, help="TRL / ours interleaved rounds (default 2; quick 1)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of the learner figures (default 6; quick 3)")
+    ap.add_argument("--vllm-reps", type=int, default=1, help="timed repetitions of the SmolLM2 rollout (default 1)")
     ap.add_argument("--only", default="", help="comma-separated sections: matmul,full_step,memory,mtp_cost,learner,vllm")
     ap.add_argument("--out", default=str(REPO / "results"))
     ap.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: the child of `memory`

@@ -63,6 +63,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the policy's forward (trunk + MTP heads) for the learner
+    share_prompts: bool = True  # the learner runs each distinct prompt once for its G samples (same result)
     # Warm-up of FRESH MTP layers before RL (detached MTP CE; the trunk is untouched):
     mtp_warmup_steps: int = 0
     mtp_warmup_lr: float = 1e-4

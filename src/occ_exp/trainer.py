@@ -393,6 +393,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
+    policy.share_prompts = cfg.model.share_prompts
     if cfg.model.compile:  # the learner's forward/backward; shapes vary by step, so symbolic from the start
         policy.compile_forward(dynamic=True)
     if dist.enabled:
