@@ -43,5 +43,8 @@ reproduce-table2: ## Table 2: fixed-lambda sweep of policy and ce, occ and detac
 reproduce-figure4: ## Figure 4: lambda_t, c and v2 (proxy and exact) against step -> results/figure4_tiny.png
 	$(REPRO) figure4
 
+bench: ## performance: our RL step vs TRL's, the optimisation ladder, learner FLOP/s, memory, vLLM (QUICK=1: ~2 min; needs pip install -e '.[bench]')
+	$(PY) scripts/bench.py $(if $(filter 1,$(QUICK)),--quick,)
+
 clean: ## remove run outputs (keeps the warm-start cache)
 	rm -rf outputs multirun

@@ -74,6 +74,7 @@ def test_wrong_type_is_an_error():
         ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips"),
         ("trainer.keep_last=0", "trainer.keep_last"),
         ("logger.mode=bogus", "logger.mode"),
+        ("rollout.min_new_tokens=-1", "rollout.min_new_tokens"),
     ],
 )
 def test_out_of_range_values_are_refused(override, key):
@@ -102,6 +103,7 @@ def test_clip_parametrisation():
          "diagnostics.taylor_eta"),
         (["regime=frozen", "regime.head_ce=0.1"], "regime.head_ce"),
         (["diagnostics.exact_every=-2"], "diagnostics.exact_every"),
+        (["diagnostics.exact_every=1", "diagnostics.taylor_check=true", "model.compile=true"], "diagnostics.taylor_check"),
     ],
 )
 def test_diagnostics_and_head_ce_rules(overrides, key):

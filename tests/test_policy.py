@@ -95,3 +95,38 @@ def test_mtp_parameter_names_follow_mimo(tiny_policy):
     assert isinstance(policy.mtp_layers[0], MTPLayer)
     assert policy.mtp_layers[0].input_proj.weight.shape == (policy.config.hidden_size, 2 * policy.config.hidden_size)
     assert policy.mtp_layers[0].input_proj.bias is None
+
+
+def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_policy):
+    """Rows with the same prompt (a group's samples) run it through the trunk once: the log-probs of
+    both heads and every gradient are those of running each row on its own."""
+    import copy
+
+    from occ_exp.models.policy import prompt_groups
+
+    policy, tok = tiny_policy
+    torch.manual_seed(0)
+    prompts = tok(["Make 12 with 5 9 8.\n", "Hi\n", "Make 100 with 10 10.\n"], return_tensors="pt", padding=True,
+                  padding_side="left")
+    G, R = 4, 7
+    ids = torch.cat([prompts.input_ids.repeat_interleave(G, 0), torch.randint(4, 200, (3 * G, R))], 1)
+    attn = torch.cat([prompts.attention_mask.repeat_interleave(G, 0), torch.ones(3 * G, R, dtype=torch.long)], 1)
+    attn[1, -2:] = 0  # a response that ended early
+    first, which = prompt_groups(ids[:, :-R], attn[:, :-R])
+    assert sorted(first.tolist()) == [0, G, 2 * G] and torch.equal(which[first], torch.arange(3))
+    assert torch.equal(which, which[::G].repeat_interleave(G))
+    assert prompt_groups(ids[::G, :-R], attn[::G, :-R]) is None  # nothing shared
+    results = []
+    for share in (False, True):
+        p = copy.deepcopy(policy)
+        p.share_prompts = share
+        out = p(ids, attn, R)
+        mask = attn[:, -R:].float()
+        ((out.logp_main * mask).sum() + sum((lp * mask).sum() for lp in out.logp_mtp)).backward()
+        results.append((out, {n: q.grad for n, q in p.named_parameters() if q.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a.logp_main, b.logp_main, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logp_mtp, b.logp_mtp))
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n

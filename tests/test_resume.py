@@ -67,7 +67,7 @@ def leftover_processes(marker: str, wait_s: float = 30.0) -> list[str]:
 
 def rows(run_dir: Path) -> list[dict]:
     out = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in out]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in out]  # wall time, peak memory
 
 
 def sha(path: Path) -> str:

@@ -62,6 +62,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the policy's forward (trunk + MTP heads) for the learner
+    share_prompts: bool = True  # the learner runs each distinct prompt once for its G samples (same result)
     # Warm-up of FRESH MTP layers before RL (detached MTP CE; the trunk is untouched):
     mtp_warmup_steps: int = 0
     mtp_warmup_lr: float = 1e-4
@@ -141,6 +143,11 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 96
     batch_size: int = 0  # sequences per generate call (0 = all at once; rollout=hf)
+    min_new_tokens: int = 0  # EOS is not sampled before this many tokens (benchmarks fix the work per step with it)
+    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode) instead of
+    # transformers.generate; `compile` also torch.compiles its decode step (implies static_cache).
+    static_cache: bool = False
+    compile: bool = False
     # rollout=vllm (occ_exp.rollout.vllm)
     speculative: Optional[str] = None  # null | mtp: the policy's MTP layer drafts (synced every step)
     num_speculative_tokens: int = 1
@@ -327,6 +334,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0, got {c.rollout.temperature}")
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
     _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {c.rollout.max_new_tokens}")
+    _require(c.rollout.min_new_tokens >= 0, "rollout.min_new_tokens", f"must be >= 0, got {c.rollout.min_new_tokens}")
 
     from occ_exp.data.benchmarks import BENCHMARKS
 
@@ -381,6 +389,8 @@ def validate(cfg: DictConfig | Config) -> None:
              "runs on diagnosed steps only; also set diagnostics.exact_every >= 1")
     _require(dg.taylor_eta is None or (_finite(dg.taylor_eta) and dg.taylor_eta > 0), "diagnostics.taylor_eta",
              f"must be null (= optimizer.lr) or > 0, got {dg.taylor_eta}")
+    _require(not (dg.taylor_check and c.model.compile), "diagnostics.taylor_check",
+             "needs second derivatives, which torch.compile'd graphs do not give; set model.compile=false")
     from occ_exp.distributed import world_size_from_env
 
     exact = (r.name == "occ" and r.estimator == "exact") or dg.exact_every > 0

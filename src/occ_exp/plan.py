@@ -86,13 +86,13 @@ class ModelSize:
 def model_size(config, num_mtp_layers: int) -> ModelSize:
     """Exact parameter counts from the architecture, on the meta device (no memory, no weights)."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from occ_exp.models.policy import MTPPolicy
 
     config.num_nextn_predict_layers = num_mtp_layers
-    with torch.device("meta"):
-        policy = MTPPolicy(Qwen2ForCausalLM(config), num_mtp_layers)
+    with torch.device("meta"):  # the architecture's own class (Qwen2, MiMo, Llama for SmolLM2, ...)
+        policy = MTPPolicy(AutoModelForCausalLM.from_config(config), num_mtp_layers)
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     total = count(policy)  # shared (tied) tensors counted once
     lm = policy.lm

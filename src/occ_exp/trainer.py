@@ -43,20 +43,47 @@ from occ_exp.rollout.base import RolloutBatch, build_rollout
 
 
 # -- small pieces -------------------------------------------------------------------------------
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's resident memory (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since the last reset (GiB; Linux VmHWM, else 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 class PhaseTimer:
-    """Wall time per phase; on a GPU also each phase's peak allocated memory (`mem/{phase}_peak_gib`),
-    with the device synchronised at the phase's edges so that times are the phase's own."""
+    """Wall time per phase, and each phase's peak memory: on a GPU the peak allocated memory
+    (`mem/{phase}_peak_gib`, with the device synchronised at the phase's edges so that times are
+    the phase's own), on the CPU the process's peak resident memory (`mem/{phase}_peak_rss_gib`,
+    Linux only: the kernel's high-water mark, reset at the phase's start)."""
 
     def __init__(self, cuda: bool = False):
         self.times: dict[str, float] = defaultdict(float)
         self.peaks: dict[str, float] = {}
         self.cuda = cuda
+        self.rss = not cuda and reset_peak_rss()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        elif self.rss:
+            reset_peak_rss()
         t0 = time.perf_counter()
         try:
             yield
@@ -64,11 +91,14 @@ class PhaseTimer:
             if self.cuda:
                 torch.cuda.synchronize()
                 self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            elif self.rss:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), peak_rss_gib())
             self.times[name] += time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
+        mem = "mem/{}_peak_gib" if self.cuda else "mem/{}_peak_rss_gib"
         return {**{f"time/{k}_s": v for k, v in self.times.items()},
-                **{f"mem/{k}_peak_gib": v for k, v in self.peaks.items()}}
+                **{mem.format(k): v for k, v in self.peaks.items()}}
 
 
 @dataclass
@@ -363,6 +393,9 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     policy, tokenizer, task, reward_fn = env.policy, env.tokenizer, env.task, env.reward_fn
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
+    policy.share_prompts = cfg.model.share_prompts
+    if cfg.model.compile:  # the learner's forward/backward; shapes vary by step, so symbolic from the start
+        policy.compile_forward(dynamic=True)
     if dist.enabled:
         log(f"learner: FSDP2 over {dist.world_size} rank(s) on {device.type}, compute dtype "
             f"{D.compute_dtype(cfg.distributed, device)}, activation checkpointing {cfg.model.gradient_checkpointing}")

@@ -81,10 +81,11 @@ def mtp_layer_class_for(lm: nn.Module) -> type[nn.Module]:
 def causal_padding_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     """Boolean [B, 1, L, L] mask (True = attend) for causal attention with left padding.
 
-    Returns None when nothing is padded (sdpa's is_causal path). A position always attends to
-    itself, so fully padded rows never produce NaN.
+    Returns None when nothing is padded (sdpa's is_causal path; not under torch.compile, where the
+    data-dependent check would split the graph). A position always attends to itself, so fully
+    padded rows never produce NaN.
     """
-    if bool(key_valid.all()):
+    if not torch.compiler.is_compiling() and bool(key_valid.all()):
         return None
     L = key_valid.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()

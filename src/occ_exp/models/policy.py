@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from occ_exp.models.mtp import causal_padding_mask, mtp_layer_class_for
 
@@ -46,6 +47,19 @@ class PolicyOutput:
     trunk: TrunkOutput
 
 
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows with the same (left-padded) prompt: (one row of each distinct prompt [g], the distinct
+    prompt of every row [B]); None when all prompts differ."""
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1)
+    _, which = torch.unique(rows, dim=0, return_inverse=True)
+    g = int(which.max()) + 1 if which.numel() else 0
+    if g == rows.shape[0]:
+        return None
+    first = torch.full((g,), rows.shape[0], dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, which, torch.arange(rows.shape[0], device=rows.device), "amin")
+    return first, which
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens], computed in float32 (or the input's wider dtype)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -62,6 +76,21 @@ class MTPPolicy(nn.Module):
             layer_cls = mtp_layer_class_for(lm)
             lm.model.mtp_layers = nn.ModuleList([layer_cls(cfg, i) for i in range(num_mtp_layers)])
         cfg.num_nextn_predict_layers = len(lm.model.mtp_layers)
+        # The final norm's input is the residual stream the MTP layers read: a hook registered once
+        # catches it when `trunk_forward` asks (a hook registered per call would stop torch.compile).
+        self._prenorm: dict[str, torch.Tensor | bool] = {}
+        self.share_prompts = True  # see trunk_forward
+        lm.model.norm.register_forward_hook(self._catch_prenorm)  # a bound method: copies catch for themselves
+
+    def compile_forward(self, **kwargs) -> None:
+        """torch.compile the decoder stack and the MTP layers (`model.compile`); the glue around them
+        (the prompt grouping, whose shapes depend on the data) stays eager. Call it after any copy."""
+        self._trunk = torch.compile(self._trunk, **kwargs)
+        self.mtp_forward = torch.compile(self.mtp_forward, **kwargs)
+
+    def _catch_prenorm(self, _module, args, _out) -> None:
+        if "want" in self._prenorm:
+            self._prenorm["h"] = args[0]
 
     # -- parameter groups ---------------------------------------------------------------------
     @property
@@ -112,22 +141,38 @@ class MTPPolicy(nn.Module):
         return self.lm.get_output_embeddings().weight
 
     def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> TrunkOutput:
+        """The trunk's hidden states (after and before its final norm) for every position. Rows that
+        share a prompt (the G samples of a group) share its computation: each distinct prompt runs
+        once, and the responses attend to its keys / values (`share_prompts`; the same result, less
+        work: the prompt's tokens are not repeated G times through the trunk)."""
         T = input_ids.shape[1]
         P = T - response_len
         if P < self.num_mtp_layers + 1:
             raise ValueError(f"prompt width {P} must exceed the number of MTP layers {self.num_mtp_layers}")
-        model = self.lm.model
-        embeds = model.embed_tokens(input_ids)
+        embeds = self.lm.model.embed_tokens(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # The final norm's input is the residual stream the MTP layers read; catch it on the way.
-        captured: list[torch.Tensor] = []
-        hook = model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+        groups = prompt_groups(input_ids[:, :P], attention_mask[:, :P]) if self.share_prompts and response_len else None
+        if groups is None:
+            hidden, pre = self._trunk(embeds, attention_mask, position_ids)
+        else:
+            first, which = groups
+            cache = DynamicCache(config=self.lm.config)
+            h_p, pre_p = self._trunk(embeds[first, :P], attention_mask[first, :P], position_ids[first, :P], cache)
+            for layer in cache.layers:  # every row's copy of its prompt's keys / values
+                layer.keys, layer.values = layer.keys[which], layer.values[which]
+            h_r, pre_r = self._trunk(embeds[:, P:], attention_mask, position_ids[:, P:], cache)
+            hidden, pre = torch.cat([h_p[which], h_r], 1), torch.cat([pre_p[which], pre_r], 1)
+        return TrunkOutput(hidden, pre, embeds, position_ids, attention_mask, input_ids[:, P:], P)
+
+    def _trunk(self, embeds, attention_mask, position_ids, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder stack on `embeds` (after the tokens in `cache`, if any): (normed, pre-norm) states."""
+        self._prenorm["want"] = True
         try:
-            out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+            out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=cache is not None)
         finally:
-            hook.remove()
-        return TrunkOutput(out.last_hidden_state, captured[-1], embeds, position_ids, attention_mask,
-                           input_ids[:, P:], P)
+            del self._prenorm["want"]
+        return out.last_hidden_state, self._prenorm.pop("h")
 
     def mtp_forward(
         self, trunk: TrunkOutput, detach_trunk: bool = False, detach_head: bool = False

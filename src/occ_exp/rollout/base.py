@@ -51,17 +51,18 @@ class RolloutBatch:
 
     def compact(self) -> "RolloutBatch":
         """Drop columns that are padding in every row: leading prompt padding and trailing
-        response padding. Results are unchanged (positions come from the attention mask)."""
+        response padding. Results are unchanged (positions come from the attention mask). The
+        tensors are contiguous copies (a compiled learner sees the same strides every time)."""
         P = self.prompt_len
         lead = int((self.attention_mask[:, :P].cumsum(-1) == 0).sum(-1).min())
         lead = min(lead, P - 1)
         R = max(int(self.response_mask.sum(-1).max()), 1)
         T = P + R
-        kw = {"input_ids": self.input_ids[:, lead:T], "attention_mask": self.attention_mask[:, lead:T],
+        kw = {"input_ids": self.input_ids[:, lead:T].contiguous(), "attention_mask": self.attention_mask[:, lead:T].contiguous(),
               "prompt_len": P - lead}
         for n in ("response_mask", "logp_sampler", "logp_old"):
             v = getattr(self, n)
-            kw[n] = v[:, :R] if v is not None else None
+            kw[n] = v[:, :R].contiguous() if v is not None else None
         return self._replace(**kw)
 
     def to(self, device) -> "RolloutBatch":

@@ -1,8 +1,13 @@
-"""rollout=hf: sampling with Hugging Face `generate` and its KV cache, in the learner's process.
+"""rollout=hf: sampling with the learner's own Hugging Face module, in the learner's process.
 
 The sampler shares the learner's module, so weights are always current (sync_weights is a
 no-op). Sampling is from the full distribution at `rollout.temperature` (no top-k; top-p as
-configured), and the sampler's per-token log-probs are recorded from generate's raw logits."""
+configured), and the sampler's per-token log-probs are those of that distribution (float32).
+
+Two decoders: `transformers.generate` with its dynamic KV cache (the default), or, with
+`rollout.static_cache=true`, the static-cache decode loop of occ_exp.rollout.decode, whose
+decode step `rollout.compile=true` compiles with torch.compile (several times faster on small
+models, where generate's per-token Python work dominates)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,40 @@ class HFRollout:
         self.policy = policy
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self._static = None  # the StaticDecoder, built on first use
+
+    def _decode(self, input_ids, attn, max_new: int, greedy: bool, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [b, R] and their sampler log-probs [b, R] for one chunk of left-padded prompts
+        (in runs of `group` copies of one prompt)."""
+        tok, cfg = self.tokenizer, self.cfg
+        min_new = min(getattr(cfg, "min_new_tokens", 0), max_new)
+        if getattr(cfg, "static_cache", False) or getattr(cfg, "compile", False):
+            from occ_exp.rollout.decode import StaticDecoder
+
+            if self._static is None or self._static.lm is not self.policy.lm:
+                self._static = StaticDecoder(self.policy.lm, compile=getattr(cfg, "compile", False))
+            return self._static.generate(input_ids, attn, max_new, greedy=greedy, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                         min_new_tokens=min_new, group=group)
+        out = self.policy.lm.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            do_sample=not greedy,
+            temperature=None if greedy else cfg.temperature,
+            top_p=None if greedy else cfg.top_p,
+            top_k=None,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new or None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        gen = out.sequences[:, input_ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float()  # [b, R, V], raw (before temperature)
+        if not greedy:
+            logits = logits / cfg.temperature
+        return gen, torch.gather(logits.log_softmax(-1), -1, gen.unsqueeze(-1)).squeeze(-1)
 
     def sync_weights(self) -> None:
         pass
@@ -42,24 +81,8 @@ class HFRollout:
         chunk = self.cfg.batch_size or len(expanded)
         seqs, logps = [], []
         for s in range(0, len(expanded), chunk):
-            out = lm.generate(
-                input_ids=input_ids[s : s + chunk],
-                attention_mask=attn[s : s + chunk],
-                do_sample=not greedy,
-                temperature=None if greedy else self.cfg.temperature,
-                top_p=None if greedy else self.cfg.top_p,
-                top_k=None,
-                max_new_tokens=max_new,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            gen = out.sequences[:, input_ids.shape[1] :]
-            logits = torch.stack(out.logits, dim=1).float()  # [b, R, V], raw (before temperature)
-            if not greedy:
-                logits = logits / self.cfg.temperature
-            lp = torch.gather(logits.log_softmax(-1), -1, gen.unsqueeze(-1)).squeeze(-1)
+            group = n if chunk % n == 0 else 1
+            gen, lp = self._decode(input_ids[s : s + chunk], attn[s : s + chunk], max_new, greedy, group)
             seqs.append(gen)
             logps.append(lp)
         if was_training:
