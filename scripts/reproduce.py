@@ -1,12 +1,12 @@
 """Reproduce the paper's Table 1, Table 2 and Figure 4 (`make reproduce-table1` etc.).
 
-    python scripts/reproduce.py table1  [--quick] [--scale tiny|mimo7b|glm] [--jobs 2] [--seeds 4]
+    python scripts/reproduce.py table1  [--quick] [--scale tiny|mimo7b|glm] [--jobs 2] [--seeds 4] [--steps N]
     python scripts/reproduce.py table2  [--quick] [--jobs 2] [--seeds 4]
     python scripts/reproduce.py figure4 [--quick]
 
 At the tiny scale (default) every table is a Hydra multirun of `python -m occ_exp.train` over
 regimes x seeds (experiment=table1_tiny: the paper's ratios at small size), run side by side
-through the joblib launcher from ONE shared warm start, each run ending with a greedy evaluation
+through the joblib launcher from ONE shared warm start, each run ending with an evaluation (avg@4, sampled)
 on 1,000 held-out problems (`<run>/eval.json`). The runs live under outputs/reproduce/ (resumable:
 re-running the command continues unfinished runs from their checkpoints and skips finished ones);
 the aggregated tables and figures go to results/ with the command, commit and wall time.
@@ -68,9 +68,11 @@ def warm_start(quick: bool) -> None:
         f"hydra.run.dir={RUNS / 'warmstart'}"])
 
 
-def multirun(name: str, sweep: list[str], quick: bool, jobs: int) -> Path:
+def multirun(name: str, sweep: list[str], quick: bool, jobs: int, steps: int | None = None) -> Path:
     """One Hydra multirun (resumable: each point continues from its newest checkpoint)."""
     out = RUNS / name
+    if steps:  # a shorter (or longer) run than the experiment's, in its own folder
+        sweep = [*sweep, f"trainer.total_steps={steps}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(quick)}", *sweep,
         "hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}"], env=env)
@@ -96,13 +98,14 @@ def table1(args) -> None:
         return plan_real(args)
     t0 = time.time()
     warm_start(args.quick)
-    root = multirun("table1" + ("_quick" if args.quick else ""), ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)],
-                    args.quick, args.jobs)
+    root = multirun("table1" + args.suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)],
+                    args.quick, args.jobs, args.steps)
     runs = [r for r in collect_runs(root) if r.coef == 0.1 or r.regime in ("detach", "occ")]
     table = regime_table(runs, lambda r: r.regime, REGIMES)
-    suffix = "_quick" if args.quick else ""
+    suffix = args.suffix
     md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args.command, time.time() - t0, root),
-          "Final greedy accuracy on 1,000 held-out countdown problems (points), mean ± standard deviation over "
+          "Final accuracy on 1,000 held-out countdown problems (points; avg@4 of sampled answers at temperature "
+          "1.0, the paper's avg@32 at a smaller k), mean ± standard deviation over "
           "seeds; Δ vs detach with a 95% bootstrap interval over seeds (paired) and problems (paired); MTP "
           "acceptance = expected speculative acceptance of the depth-1 head over the last 10 steps.\n",
           table_markdown(table), "", "## The paper (for comparison; a different scale, not reproduced here)", "",
@@ -120,11 +123,12 @@ def table1(args) -> None:
 def table2(args) -> None:
     t0 = time.time()
     warm_start(args.quick)
-    suffix = "_quick" if args.quick else ""
+    suffix = args.suffix
     # lambda = 0.1 of policy and ce, detach and occ are Table 1's runs (same experiment): run the rest
-    t1 = multirun("table1" + suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)], args.quick, args.jobs)
+    t1 = multirun("table1" + suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)], args.quick, args.jobs,
+                  args.steps)
     t2 = multirun("table2" + suffix, ["regime=policy,ce", "regime.coef=" + ",".join(map(str, TABLE2_LAMBDAS[1:])),
-                                      seeds_arg(args.seeds)], args.quick, args.jobs)
+                                      seeds_arg(args.seeds)], args.quick, args.jobs, args.steps)
     runs = [r for r in collect_runs(t1) + collect_runs(t2) if r.seed < args.seeds]
 
     def label(r):
@@ -183,11 +187,11 @@ def make_figures(root: Path, suffix: str) -> list[Path]:
 
 
 def figure4(args) -> None:
-    suffix = "_quick" if args.quick else ""
+    suffix = args.suffix
     root = RUNS / ("table1" + suffix)
     if not any(root.rglob("eval.json")):
         warm_start(args.quick)
-        root = multirun("table1" + suffix, ["regime=policy,occ", "seed=0"], args.quick, args.jobs)
+        root = multirun("table1" + suffix, ["regime=policy,occ", "seed=0"], args.quick, args.jobs, args.steps)
     for p in make_figures(root, suffix):
         print(f"wrote {p}")
 
@@ -224,10 +228,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="tiny", choices=["tiny", "mimo7b", "glm"])
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one CPU thread each)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 4; quick: 1)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="RL steps per run instead of the experiment's (400; quick: 12); results get a _<N>steps suffix")
     ap.add_argument("--launch", action="store_true", help="real scale: submit the runs (default: print the plan)")
     args = ap.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 4
+    args.suffix = "_quick" if args.quick else ""
+    if args.steps:
+        args.suffix += f"_{args.steps}steps"
     args.command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
     {"table1": table1, "table2": table2, "figure4": figure4}[args.what](args)
