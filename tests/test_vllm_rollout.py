@@ -12,7 +12,7 @@ import torch
 from tests.conftest import compose_cfg
 from occ_exp.models.loading import save_policy
 from occ_exp.models.mtp import init_mtp_from_trunk
-from occ_exp.rollout.base import build_rollout
+from occ_exp.rollout.base import build_rollout, sampling
 from occ_exp.trainer import recompute_logp_old
 
 pytestmark = [
@@ -52,6 +52,14 @@ def test_weight_sync_reaches_the_engine(tiny_policy):
         ro.version -= 1
         g = ro.generate(PROMPTS[:2], 1, greedy=True)
         assert len(g.texts) == 2 and g.response_mask.any(-1).all()
+
+        # Far more prompt tokens than one engine step takes: on the CPU each prompt is prefilled
+        # whole (vLLM 0.32 rewinds a seeded request's generator after a chunked prefill, which a
+        # CPU generator cannot do: "CPU Generator does not use offset").
+        many = [p * 6 for p in PROMPTS] * 8  # 64 prompts of ~150 tokens, 4 samples each
+        with sampling(ro, max_new_tokens=2):
+            big = ro.generate(many, 4)
+        assert big.input_ids.shape[0] == 256 and big.response_mask.any(-1).all()
     finally:
         ro.close()
 
@@ -133,7 +141,7 @@ import sys, torch, torch.distributed as dist
 sys.path[:0] = [{src!r}, {root!r}]
 from tests.conftest import compose_cfg
 from occ_exp.models.loading import build_tiny_policy
-from occ_exp.rollout.base import build_rollout
+from occ_exp.rollout.base import build_rollout, sampling
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
