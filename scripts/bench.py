@@ -605,7 +605,11 @@ def write_report(res: dict, out: Path) -> None:
          "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f", python {m['python']}",
          (f"- fp32 matmul peak measured in this run: **{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
           if peak else f"- matmul peak: {res.get('matmul', 'not run')}"),
-         f"- settings: {res['settings']}", "", "## Headline figures", "",
+         f"- settings: {res['settings']}",
+         *([f"- sections {', '.join(res['merged']['rerun'])} re-run here; {', '.join(res['merged']['kept'])} kept from "
+            f"`{res['merged']['from_command']}` ({res['merged']['from_date']}): each ratio is still measured "
+            "within one section's run"] if res.get("merged") else []),
+         "", "## Headline figures", "",
          "| figure | value |", "|---|---|"]
     L.append(f"| `trl_over_ours_step` (wall clock) | {verdict('trl_over_ours_step', fs.get('trl_over_ours_step', fs.get('error', 'not run')))} |")
     if "trl_over_ours_step_cpu" in fs:
@@ -721,6 +725,8 @@ def main() -> None:
     ap.add_argument("--vllm-reps", type=int, default=1, help="timed repetitions of the SmolLM2 rollout (default 1)")
     ap.add_argument("--only", default="", help="comma-separated sections: matmul,full_step,memory,mtp_cost,learner,vllm")
     ap.add_argument("--out", default=str(REPO / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: keep the other sections of the existing <out>/bench.json (each says when it ran)")
     ap.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: the child of `memory`
     ap.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -762,6 +768,14 @@ def main() -> None:
             res["vllm"] = guarded("vLLM vs HF rollout", vllm_over_hf, args)
     res["machine"]["load_after"] = load_avg()
     res["wall_s"] = time.perf_counter() - t0
+    earlier = Path(args.out) / "bench.json"
+    if args.merge and only and earlier.exists():  # keep the sections not re-run from the earlier report
+        old = json.loads(earlier.read_text())
+        kept = [k for k in ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm") if k in old and k not in res]
+        for k in kept:
+            res[k] = old[k]
+        res["merged"] = {"rerun": sorted(only), "kept": kept, "from_command": old.get("command"),
+                         "from_date": old.get("date")}
     res["notes"] += NOTES
     write_report(res, Path(args.out))
     print(f"[bench] wrote {args.out}/bench.json and bench.md in {res['wall_s']:.0f} s")

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from occ_exp.report import (  # noqa: E402
-    PAPER_TABLE1, PAPER_TABLE2_NOTE, collect_runs, regime_table, table_markdown, write_csv,
+    PAPER_TABLE1, PAPER_TABLE2_NOTE, collect_runs, mechanism_markdown, ordering_verdict, regime_table, table_markdown,
+    write_csv,
 )
 
 REGIMES = ["detach", "ce", "policy", "occ"]
@@ -74,16 +75,26 @@ def multirun(name: str, sweep: list[str], quick: bool, jobs: int, steps: int | N
     if steps:  # a shorter (or longer) run than the experiment's, in its own folder
         sweep = [*sweep, f"trainer.total_steps={steps}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
     sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(quick)}", *sweep,
         "hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}"], env=env)
+    # Wall time over every invocation (a resumed or re-run sweep adds to it; finished runs cost seconds)
+    total = run_seconds(out) + time.time() - t0
+    (out / "wall.json").write_text(json.dumps({"seconds": total}))
     return out
+
+
+def run_seconds(out: Path) -> float:
+    """Wall time the sweep in `out` has taken so far, over all invocations (0 if never recorded)."""
+    f = out / "wall.json"
+    return float(json.loads(f.read_text())["seconds"]) if f.exists() else 0.0
 
 
 def header(title: str, cmd: str, seconds: float, runs: Path) -> str:
     import torch
 
     return (f"# {title}\n\n"
-            f"Produced by `{cmd}` at commit `{git_commit()}` in {seconds / 60:.1f} min of wall time on "
+            f"Produced by `{cmd}` at commit `{git_commit()}`; the runs took {seconds / 60:.1f} min of wall time on "
             f"{platform.machine()} ({os.cpu_count()} CPU cores, torch {torch.__version__}); runs under "
             f"`{runs.relative_to(ROOT)}/` (not committed).\n")
 
@@ -96,19 +107,26 @@ def seeds_arg(n: int) -> str:
 def table1(args) -> None:
     if args.scale != "tiny":
         return plan_real(args)
-    t0 = time.time()
     warm_start(args.quick)
     root = multirun("table1" + args.suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)],
                     args.quick, args.jobs, args.steps)
     runs = [r for r in collect_runs(root) if r.coef == 0.1 or r.regime in ("detach", "occ")]
     table = regime_table(runs, lambda r: r.regime, REGIMES)
     suffix = args.suffix
-    md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args.command, time.time() - t0, root),
+    md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args.command,
+                 run_seconds(root), root),
           "Final accuracy on 1,000 held-out countdown problems (points; avg@4 of sampled answers at temperature "
           "1.0, the paper's avg@32 at a smaller k), mean ± standard deviation over "
           "seeds; Δ vs detach with a 95% bootstrap interval over seeds (paired) and problems (paired); MTP "
           "acceptance = expected speculative acceptance of the depth-1 head over the last 10 steps.\n",
-          table_markdown(table), "", "## The paper (for comparison; a different scale, not reproduced here)", "",
+          table_markdown(table), "", "## Mechanism", "",
+          "Over all steps of all seeds: the exact terms on the diagnosed steps (every "
+          "`diagnostics.exact_every` steps, on the trunk: λ* = c / v2, c = <g_RL, g_MTP>) beside the proxy's "
+          "(occ's applied λ_t = ĉ / v̂2; logged, not applied, for the other regimes). detach's exact terms are 0 "
+          "by construction (no MTP gradient reaches the trunk).", "",
+          mechanism_markdown(runs, lambda r: r.regime, REGIMES), "",
+          ordering_verdict(table), "",
+          "## The paper (for comparison; a different scale, not reproduced here)", "",
           "Average over six math benchmarks, avg@32:", "",
           "| setting | detach | ce | policy | occ |", "|---|---|---|---|---|",
           *[f"| {k} | " + " | ".join(f"{v[r]:.1f}" for r in REGIMES) + " |" for k, v in PAPER_TABLE1.items()], ""]
@@ -121,7 +139,6 @@ def table1(args) -> None:
 
 # -- Table 2 ------------------------------------------------------------------------------------
 def table2(args) -> None:
-    t0 = time.time()
     warm_start(args.quick)
     suffix = args.suffix
     # lambda = 0.1 of policy and ce, detach and occ are Table 1's runs (same experiment): run the rest
@@ -137,7 +154,7 @@ def table2(args) -> None:
     order = ["detach", "occ"] + [f"{g} λ={c:g}" for g in ("policy", "ce") for c in TABLE2_LAMBDAS]
     table = regime_table(runs, label, order)
     md = [header("Table 2 at the tiny scale: fixed lambda" + (" (quick)" if args.quick else ""), args.command,
-                 time.time() - t0, RUNS),
+                 run_seconds(t1) + run_seconds(t2), RUNS),
           "Where does the joint MTP term start to cost accuracy? Fixed-lambda sweeps of the policy and ce regimes "
           "with occ and detach as reference rows (same layout as Table 1).\n", table_markdown(table), "",
           f"For comparison: {PAPER_TABLE2_NOTE}."]
