@@ -40,6 +40,7 @@ REGIMES = ["detach", "ce", "policy", "occ"]
 TABLE2_LAMBDAS = [0.1, 0.2, 0.5, 1.0]
 RESULTS = ROOT / "results"
 RUNS = ROOT / "outputs" / "reproduce"
+REPORT_ONLY = False  # --report-only: tables and figures from the runs already under RUNS
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -64,6 +65,8 @@ def experiment(quick: bool) -> str:
 def warm_start(quick: bool) -> None:
     """Fill the shared warm-start cache once, before the parallel runs (they would otherwise queue
     on its lock): a zero-step run builds the model, which warm-starts it."""
+    if REPORT_ONLY:
+        return
     sh([sys.executable, "-m", "occ_exp.train", f"experiment={experiment(quick)}", "trainer.total_steps=0",
         "trainer.eval_before_train=false", "trainer.threads=0", "logger=none",
         f"hydra.run.dir={RUNS / 'warmstart'}"])
@@ -72,6 +75,10 @@ def warm_start(quick: bool) -> None:
 def multirun(name: str, sweep: list[str], quick: bool, jobs: int, steps: int | None = None) -> Path:
     """One Hydra multirun (resumable: each point continues from its newest checkpoint)."""
     out = RUNS / name
+    if REPORT_ONLY:  # aggregate what is there, run nothing
+        if not out.exists():
+            raise SystemExit(f"--report-only: no runs under {out}; run the command without --report-only first")
+        return out
     if steps:  # a shorter (or longer) run than the experiment's, in its own folder
         sweep = [*sweep, f"trainer.total_steps={steps}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,7 +101,7 @@ def header(title: str, cmd: str, seconds: float, runs: Path) -> str:
     import torch
 
     return (f"# {title}\n\n"
-            f"Produced by `{cmd}` at commit `{git_commit()}`; the runs took {seconds / 60:.1f} min of wall time on "
+            f"Produced by `{cmd}` (tables built at commit `{git_commit()}`); the runs took {seconds / 60:.1f} min of wall time on "
             f"{platform.machine()} ({os.cpu_count()} CPU cores, torch {torch.__version__}); runs under "
             f"`{runs.relative_to(ROOT)}/` (not committed).\n")
 
@@ -247,14 +254,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 4; quick: 1)")
     ap.add_argument("--steps", type=int, default=None,
                     help="RL steps per run instead of the experiment's (400; quick: 12); results get a _<N>steps suffix")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the results files from finished runs, run nothing")
     ap.add_argument("--launch", action="store_true", help="real scale: submit the runs (default: print the plan)")
     args = ap.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 4
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     args.suffix = "_quick" if args.quick else ""
     if args.steps:
         args.suffix += f"_{args.steps}steps"
-    args.command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the command that ran the runs (a --report-only rebuild names the sweep's own command)
+    args.command = "python scripts/reproduce.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     RESULTS.mkdir(exist_ok=True)
     {"table1": table1, "table2": table2, "figure4": figure4}[args.what](args)
     return 0

@@ -55,10 +55,18 @@ class HFRollout:
             output_logits=True,
         )
         gen = out.sequences[:, input_ids.shape[1] :]
-        logits = torch.stack(out.logits, dim=1).float()  # [b, R, V], raw (before temperature)
-        if not greedy:
-            logits = logits / cfg.temperature
-        return gen, torch.gather(logits.log_softmax(-1), -1, gen.unsqueeze(-1)).squeeze(-1)
+        # One step's [b, V] logits (raw, before temperature) at a time, released as they are used:
+        # stacking them all into [b, R, V] float tensors needs several times the memory of the
+        # tokens' log-probs' inputs (256 x 128 tokens of a 49k vocabulary: ~6 GiB per copy).
+        steps, logps = list(out.logits), []
+        del out
+        for i in range(len(steps)):
+            step = steps[i].float()
+            steps[i] = None
+            if not greedy:
+                step = step / cfg.temperature
+            logps.append(step.log_softmax(-1).gather(-1, gen[:, i : i + 1]).squeeze(-1))
+        return gen, torch.stack(logps, dim=1)
 
     def sync_weights(self) -> None:
         pass
