@@ -34,6 +34,14 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def facts_section(title: str, key: str, records: dict) -> list[str]:
+    """A '## title' table with one row per record: its name, then its facts as key=value (nothing if empty)."""
+    if not records:
+        return []
+    return [f"## {title}", ""] + table([key, "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
+                                                        for k, v in sorted(records.items())])
+
+
 def main() -> None:
     resume, damage, guards = load("resume"), load("checkpoint_damage"), load("numerical_guards")
     bad, distf = load("bad_input"), load("distributed_faults")
@@ -76,18 +84,9 @@ def main() -> None:
          dist_faults, "every run ended with an error naming the failed rank, within the bound"],
     ])
 
-    if resume:
-        md += ["## Resume and crash safety", ""]
-        md += table(["scenario", "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
-                                             for k, v in sorted(resume.items())])
-    if damage:
-        md += ["## Damaged checkpoints", ""]
-        md += table(["damage", "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
-                                          for k, v in sorted(damage.items())])
-    if guards:
-        md += ["## Numerical guards", ""]
-        md += table(["case", "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
-                                        for k, v in sorted(guards.items())])
+    md += facts_section("Resume and crash safety", "scenario", resume)
+    md += facts_section("Damaged checkpoints", "damage", damage)
+    md += facts_section("Numerical guards", "case", guards)
     if modes:
         md += ["## Verifier fuzz (tests/test_verifier_fuzz.py)", "",
                f"Seed {fuzz.get('seed')}, {fuzz.get('num_workers')} workers, per-item timeout {fuzz.get('timeout_s')} s, "
@@ -98,14 +97,9 @@ def main() -> None:
         keys = ["hostile_inputs", "timeouts", "crashes", "worker_kills", "worker_restarts", "false_positives",
                 "workers_alive_after_close", "max_call_latency_s", "total_wall_s"]
         md += table(["outcome"] + list(modes), [[k] + [m.get(k, "-") for m in modes.values()] for k in keys])
-    if bad:
-        md += ["## Bad input", ""]
-        md += table(["case", "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
-                                        for k, v in sorted(bad.items())])
+    md += facts_section("Bad input", "case", bad)
     if distf:
-        md += ["## Distributed faults", ""]
-        md += table(["scenario", "facts"], [[k, ", ".join(f"{a}={b}" for a, b in sorted(v.items()))]
-                                            for k, v in sorted(distf.items())])
+        md += facts_section("Distributed faults", "scenario", distf)
         md += ["Without the watchdog (measured by hand with tests/dist_fault_worker.py, torch 2.13 CPU, gloo): "
                "a SIGSTOPped rank under torchrun left rank 0 waiting for the whole process-group timeout, after "
                "which torchrun named the healthy rank 0 as the root cause; a rank SIGKILLed without torchrun gave "
