@@ -50,9 +50,13 @@ class Run:
     def finished(self) -> bool:
         return self.accuracy is not None
 
+    def values(self, key: str) -> list[float]:
+        """`key` over the steps that logged it with a finite number, in step order."""
+        return [float(r[key]) for r in self.rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
     def last_mean(self, key: str, n: int = 10) -> float | None:
         """Mean of `key` over the last `n` steps that logged it."""
-        vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])][-n:]
+        vals = self.values(key)[-n:]
         return float(np.mean(vals)) if vals else None
 
 
@@ -113,13 +117,19 @@ def bootstrap_diff(a: dict[int, np.ndarray], b: dict[int, np.ndarray], n_boot: i
     return point, float(lo), float(hi)
 
 
-def regime_table(runs: list[Run], label_fn, order: list[str], reference: str = "detach") -> list[dict]:
-    """One row per label (in `order`): accuracy mean / std over seeds (in points), the difference
-    to `reference` with its bootstrap interval, final acceptance, reward and lambda."""
+def group_finished(runs: list[Run], label_fn) -> dict[str, list[Run]]:
+    """The finished runs by label (unfinished runs have no final evaluation and stay out of tables)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         if r.finished:
             groups.setdefault(label_fn(r), []).append(r)
+    return groups
+
+
+def regime_table(runs: list[Run], label_fn, order: list[str], reference: str = "detach") -> list[dict]:
+    """One row per label (in `order`): accuracy mean / std over seeds (in points), the difference
+    to `reference` with its bootstrap interval, final acceptance, reward and lambda."""
+    groups = group_finished(runs, label_fn)
     ref = {r.seed: r.correct for r in groups.get(reference, [])}
     table = []
     for label in order:
@@ -171,14 +181,10 @@ def mechanism_markdown(runs: list[Run], label_fn, order: list[str]) -> str:
     terms on diagnosed steps (median lambda* = c / v2, share of steps with c > 0, median cosine)
     beside the proxy's (median applied lambda_t, share with c_hat > 0, median v2_hat), and the
     MTP head's acceptance at the first and last step."""
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        if r.finished:
-            groups.setdefault(label_fn(r), []).append(r)
+    groups = group_finished(runs, label_fn)
 
     def values(rs, key):
-        return [float(row[key]) for r in rs for row in r.rows
-                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+        return [x for r in rs for x in r.values(key)]
 
     def med(xs, spec):
         return _fmt(float(np.median(xs)), spec) if xs else "–"
@@ -188,7 +194,7 @@ def mechanism_markdown(runs: list[Run], label_fn, order: list[str]) -> str:
         return _fmt(float(np.mean([x > 0 for x in xs])), ".2f") if xs else "–"
 
     def edge(rs, key, last):
-        xs = [v for r in rs for v in [values([r], key)] if v]
+        xs = [v for v in (r.values(key) for r in rs) if v]
         return _fmt(float(np.mean([v[-1] if last else v[0] for v in xs])), ".3f") if xs else "–"
 
     head = ("| regime | exact λ* (median) | exact c > 0 | exact cosine (median) | applied λ_t (median) | "

@@ -55,9 +55,9 @@ class HFRollout:
             output_logits=True,
         )
         gen = out.sequences[:, input_ids.shape[1] :]
-        # One step's [b, V] logits (raw, before temperature) at a time, released as they are used:
-        # stacking them all into [b, R, V] float tensors needs several times the memory of the
-        # tokens' log-probs' inputs (256 x 128 tokens of a 49k vocabulary: ~6 GiB per copy).
+        # One step's [b, V] logits (raw, before temperature) at a time, each released once used:
+        # stacking all steps into [b, R, V] float tensors costs a full copy per operation
+        # (256 rows x 128 steps of a 49k vocabulary: ~6 GiB each).
         steps, logps = list(out.logits), []
         del out
         for i in range(len(steps)):
