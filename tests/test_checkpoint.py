@@ -2,19 +2,22 @@
 
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
 
-from occ_exp.checkpoint import (atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
+from occ_exp.checkpoint import (TrainState, atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
                                 resolve_resume, save_checkpoint, set_aside_newer, verify_manifest)
 from occ_exp.config import ConfigError
+from occ_exp.models.loading import save_policy
 from tests.reliability_log import record
 
 
 def _save(run_dir, step, tiny_policy, keep_last=10):
     policy, tok = tiny_policy
-    return save_checkpoint(run_dir, step, policy, tok, {"step": step, "x": torch.arange(3)}, "a: 1\n", keep_last)
+    return save_checkpoint(run_dir, step, partial(save_policy, policy, tok), TrainState(step, generator=torch.arange(3)),
+                           "a: 1\n", keep_last)
 
 
 def test_save_is_complete_and_verified(tmp_path, tiny_policy):
@@ -23,6 +26,8 @@ def test_save_is_complete_and_verified(tmp_path, tiny_policy):
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert {"model/model.safetensors", "model/config.json", "trainer_state.pt", "config.yaml"} <= set(files)
     assert load_trainer_state(ckpt)["step"] == 3
+    state = TrainState.load(ckpt)
+    assert state.step == 3 and torch.equal(state.generator, torch.arange(3)) and state.optimizer is None
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
 
 
