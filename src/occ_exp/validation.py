@@ -29,13 +29,16 @@ def _finite(x: Any) -> bool:
 
 
 def validate(cfg: DictConfig | Config) -> None:
-    """Range and cross-field checks; raises ConfigError with the key and the fix."""
+    """Range and cross-field checks, group by group; raises ConfigError with the key and the fix."""
+    c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    for check in (_check_regime, _check_algorithm, _check_optimizer, _check_data_and_rollout, _check_eval,
+                  _check_model_and_engine, _check_run, _check_diagnostics, _check_across_groups):
+        check(c)
 
-    if isinstance(cfg, DictConfig):
-        c = cfg
-    else:
-        c = OmegaConf.structured(cfg)
-    r, a, o, t, m = c.regime, c.algorithm, c.optimizer, c.trainer, c.model
+
+def _check_regime(c) -> None:
+    """regime.*"""
+    r = c.regime
     _require(r.name in REGIMES, "regime.name", f"unknown regime {r.name!r}; choose one of {sorted(REGIMES)}")
     for key in ("coef", "lambda_plus"):
         v = r[key]
@@ -47,6 +50,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(r.clip is None or (_finite(r.clip) and r.clip > 0), "regime.clip", f"must be null or > 0, got {r.clip}")
     _require(_finite(r.head_ce) and r.head_ce >= 0, "regime.head_ce", f"must be >= 0, got {r.head_ce}")
 
+
+def _check_algorithm(c) -> None:
+    """algorithm.*"""
+    a = c.algorithm
     _require(a.advantage in ADVANTAGES, "algorithm.advantage", f"unknown {a.advantage!r}; choose one of {sorted(ADVANTAGES)}")
     _require(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"unknown {a.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
     _require(a.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg", f"unknown {a.loss_agg!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
@@ -66,12 +73,20 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(a.max_tokens_per_micro_batch >= 0, "algorithm.max_tokens_per_micro_batch",
              f"must be >= 0 (0 = one micro-batch per mini-batch), got {a.max_tokens_per_micro_batch}")
 
+
+def _check_optimizer(c) -> None:
+    """optimizer.*"""
+    o = c.optimizer
     _require(_finite(o.lr) and o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     _require(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(_finite(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
 
+
+def _check_data_and_rollout(c) -> None:
+    """data.* (whole groups per mini-batch) and the rollout's sampling settings."""
+    a = c.algorithm
     d = c.data
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1, got {d.prompts_per_step}")
     n_seq = d.prompts_per_step * a.group_size
@@ -87,6 +102,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(c.rollout.min_new_tokens >= 0, "rollout.min_new_tokens", f"must be >= 0, got {c.rollout.min_new_tokens}")
 
 
+def _check_eval(c) -> None:
+    """benchmark.names and eval.*"""
     e = c.eval
     unknown = [n for n in c.benchmark.names if n not in BENCHMARKS]
     _require(not unknown, "benchmark.names", f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
@@ -98,6 +115,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(e.max_new_tokens >= 0 and e.max_problems >= 0, "eval.max_new_tokens/max_problems", "must be >= 0 (0 = default)")
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
+
+def _check_model_and_engine(c) -> None:
+    """model.* and the rollout engine's settings (vLLM, speculative decoding)."""
+    m = c.model
     _require(m.num_mtp_layers >= 1, "model.num_mtp_layers", f"must be >= 1, got {m.num_mtp_layers}")
     _require(m.mtp_warmup_steps >= 0, "model.mtp_warmup_steps", f"must be >= 0 (0 = off), got {m.mtp_warmup_steps}")
     _require(_finite(m.mtp_warmup_lr) and m.mtp_warmup_lr > 0, "model.mtp_warmup_lr", f"must be > 0, got {m.mtp_warmup_lr}")
@@ -122,6 +143,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(0.0 <= m.warmstart.flaw_rate < 1.0, "model.warmstart.flaw_rate", f"must be in [0, 1), got {m.warmstart.flaw_rate}")
     _require(m.arch.head_dim * m.arch.num_attention_heads > 0, "model.arch", "head_dim and heads must be > 0")
 
+
+def _check_run(c) -> None:
+    """trainer.*, logger.* and the distributed layout."""
+    t = c.trainer
     _require(t.total_steps >= 0, "trainer.total_steps", f"must be >= 0, got {t.total_steps}")
     _require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every/save_every", "must be >= 0 (0 = off)")
     _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
@@ -132,6 +157,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _validate_distributed(c)
     _require(c.logger.mode in ("online", "offline", "disabled", "shared"), "logger.mode",
              f"choose online, offline, disabled or shared (a wandb mode); got {c.logger.mode!r}")
+
+
+def _check_diagnostics(c) -> None:
+    """diagnostics.*"""
     dg = c.diagnostics
     _require(dg.exact_every >= 0, "diagnostics.exact_every", "must be >= 0 (0 = off)")
     _require(not dg.taylor_check or dg.exact_every >= 1, "diagnostics.taylor_check",
@@ -141,6 +170,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _require(not (dg.taylor_check and c.model.compile), "diagnostics.taylor_check",
              "needs second derivatives, which torch.compile'd graphs do not give; set model.compile=false")
 
+
+def _check_across_groups(c) -> None:
+    """Rules that tie several groups together."""
+    r, a, dg = c.regime, c.algorithm, c.diagnostics
     exact = (r.name == "occ" and r.estimator == "exact") or dg.exact_every > 0
     _require(not exact or (a.max_tokens_per_micro_batch == 0 and (world_size_from_env() or 1) == 1),
              "diagnostics.exact_every / regime.estimator=exact",
