@@ -145,3 +145,18 @@ def test_sigterm_during_set_up_stops_before_the_first_step(smoke_overrides, tmp_
     assert summary["stopped_at_step"] == 1
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+
+
+def test_train_state_reads_checkpoints_written_before_it(tmp_path):
+    """trainer_state.pt written before TrainState existed (a plain dict, no rollout or W&B id) loads;
+    a TrainState writes the same keys back (and none for fields it does not have)."""
+    old = {"step": 7, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 7},
+           "rng": {"python": (3, (1,), None)}, "generator": torch.Generator().get_state(),
+           "prompts": {"epoch": 0, "pos": 3}, "coef_states": [{"ema": 0.5}], "guard": {"streak": 0, "total": 1}}
+    folder = tmp_path / "step_000007"
+    folder.mkdir()
+    torch.save(old, folder / "trainer_state.pt")
+    state = TrainState.load(folder)
+    assert state.step == 7 and state.guard == {"streak": 0, "total": 1} and state.prompts["pos"] == 3
+    assert state.rollout is None and state.wandb_id is None and state.rng_per_rank is None
+    assert set(state.to_dict()) == set(old)
