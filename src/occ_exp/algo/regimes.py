@@ -38,6 +38,7 @@ import torch
 from occ_exp.algo.coefficient import ESTIMATORS, CoefficientState
 from occ_exp.algo.policy_loss import POLICY_LOSSES, aggregate
 
+
 class HeadOutputs(Protocol):
     """What a regime reads from one forward of the policy (occ_exp.models.policy.PolicyOutput is
     one; the learner's whole-mini-batch view is another): per-token log-probs of the sampled

@@ -67,11 +67,7 @@ class HFRollout(Rollout):
             logps.append(step.log_softmax(-1).gather(-1, gen[:, i : i + 1]).squeeze(-1))
         return gen, torch.stack(logps, dim=1)
 
-    def sync_weights(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    # sync_weights and close: Rollout's no-ops (the module is the learner's own)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> RolloutBatch:
