@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from occ_exp import plan as P
-from occ_exp.config import validate
+from occ_exp.validation import validate
 from tests.conftest import CONF, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

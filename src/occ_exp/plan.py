@@ -13,11 +13,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from occ_exp.builders import build_task
+from occ_exp.config import ConfigError
+from occ_exp.distributed import world_size_from_env
+from occ_exp.models.policy import MTPPolicy
+from occ_exp.models.tiny import build_tokenizer, tiny_config
+from occ_exp.validation import validate
 
 GiB = 1024**3
 CARD_GIB = 80.0  # an H100 / A100-80GB
@@ -38,21 +49,15 @@ _ALIASES = [(r"mimo[-_]?7b", "mimo-7b"), (r"qwen2?\.?5?[-_]?7b", "qwen2.5-7b"), 
 # -- the model's size -------------------------------------------------------------------------------
 def model_config(model_cfg):
     """(Qwen2Config, where it came from) without loading weights."""
-    from transformers import Qwen2Config
-
     if model_cfg.path is None:
-        from occ_exp.models.tiny import build_tokenizer, tiny_config
-
         return tiny_config(model_cfg.arch, build_tokenizer(), model_cfg.num_mtp_layers), "built in code (tiny)"
     path = str(model_cfg.path)
     local = Path(path) / "config.json"
     if not local.exists():
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             cached = try_to_load_from_cache(path, "config.json")
             local = Path(cached) if isinstance(cached, str) else local
-        except Exception:  # not a hub id, or no hub library: fall through to the table
+        except Exception:  # not a hub id, or not in the cache: fall through to the table
             pass
     if local.exists():
         d = json.loads(local.read_text())
@@ -62,8 +67,6 @@ def model_config(model_cfg):
     for pattern, name in _ALIASES:
         if re.search(pattern, key):
             return Qwen2Config(**KNOWN_ARCHS[name]), f"known-size table ({name}; config.json not on this machine)"
-    from occ_exp.config import ConfigError
-
     raise ConfigError(f"model.path: {model_cfg.name!r} ({path}) has no config.json locally and not in the known-size table "
                      f"{sorted(KNOWN_ARCHS)}; download the config (huggingface-cli download {path} config.json)")
 
@@ -85,11 +88,6 @@ class ModelSize:
 
 def model_size(config, num_mtp_layers: int) -> ModelSize:
     """Exact parameter counts from the architecture, on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from occ_exp.models.policy import MTPPolicy
-
     config.num_nextn_predict_layers = num_mtp_layers
     with torch.device("meta"):  # the architecture's own class (Qwen2, MiMo, Llama for SmolLM2, ...)
         policy = MTPPolicy(AutoModelForCausalLM.from_config(config), num_mtp_layers)
@@ -121,11 +119,6 @@ def prompt_tokens(cfg) -> int:
     """The longest prompt: measured on the procedural tiny task, assumed for file-backed data."""
     if cfg.data.name != "tiny" or cfg.model.path is not None:
         return PROMPT_TOKENS
-    import random
-
-    from occ_exp.builders import build_task
-    from occ_exp.models.tiny import build_tokenizer
-
     task, tok, rng = build_task(cfg.data), build_tokenizer(), random.Random(0)
     return max(len(tok(task.sample(rng, "train").prompt)["input_ids"]) for _ in range(64))
 
@@ -139,8 +132,6 @@ def rows_per_micro_batch(cfg, world: int, seq: int) -> int:
 
 
 def world_size(cfg) -> tuple[int, str]:
-    from occ_exp.distributed import world_size_from_env
-
     env = world_size_from_env()
     if env is not None:
         return env, "environment (torchrun / Slurm)"
@@ -188,8 +179,6 @@ def memory_plan(cfg, size: ModelSize, world: int, sharded: bool) -> dict[str, fl
 
 
 def build_plan(cfg) -> dict:
-    from occ_exp.config import validate
-
     validate(cfg)
     a, d, r, m = cfg.algorithm, cfg.data, cfg.rollout, cfg.model
     world, world_src = world_size(cfg)

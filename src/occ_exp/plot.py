@@ -24,7 +24,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from omegaconf import OmegaConf
 
 from occ_exp.tracking import read_metrics
 
@@ -44,8 +47,6 @@ _IGNORED_OVERRIDES = ("seed=", "regime=", "trainer.", "logger", "hydra.", "paths
 
 def run_label(run_dir: Path) -> str:
     """The regime name plus the overrides that distinguish this run from its seed siblings."""
-    from omegaconf import OmegaConf
-
     hydra_dir = run_dir / ".hydra"
     cfg_path = hydra_dir / "config.yaml"
     if not cfg_path.exists():
@@ -110,11 +111,7 @@ def _set_scale(ax, key: str, per_label: list[np.ndarray]) -> None:
 
 
 def plot_dir(root: str | Path, out: str | Path | None = None, smooth: int = 1) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # figures go to files: no display needed
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; pass a run directory or a multirun directory")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from occ_exp.tracking import read_metrics
 
@@ -61,8 +62,6 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run | None:
-    from omegaconf import OmegaConf
-
     path = Path(path)
     cfg_path = path / ".hydra" / "config.yaml"
     if not cfg_path.exists():

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
@@ -46,6 +47,8 @@ hf_logging.disable_progress_bar()
 
 from occ_exp.models.mtp import init_mtp_from_trunk
 from occ_exp.models.policy import MTPPolicy
+from occ_exp.models.tiny import build_tokenizer, tiny_config
+from occ_exp.serving import serving_architecture
 
 MTP_PREFIX = "model.mtp_layers."
 PKG_SCHEME = "pkg://"
@@ -80,8 +83,6 @@ def file_lock(path: Path):
 # -- the tiny model ----------------------------------------------------------------------------
 def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
     """The tiny model with random weights (the warm start trains it)."""
-    from occ_exp.models.tiny import build_tokenizer, tiny_config
-
     tokenizer = build_tokenizer()
     config = tiny_config(model_cfg.arch, tokenizer, model_cfg.num_mtp_layers)
     config._attn_implementation = model_cfg.attn_implementation
@@ -94,15 +95,6 @@ def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def serving_architecture(config: PretrainedConfig) -> str:
-    """The `architectures` entry that lets vLLM serve a saved folder: MiMo's (which drops the MTP
-    weights from the main model and loads them into its MTP drafter) for Qwen2 trunks, the
-    trunk's own class otherwise."""
-    if config.model_type == "qwen2":
-        return "MiMoForCausalLM"
-    return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
-
-
 def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike, state_dict: dict | None = None) -> None:
     """Write a Hugging Face folder with the MTP weights under MiMo's names. `state_dict` (of
     `policy.lm`) replaces the module's own tensors, e.g. the full weights of an FSDP2-sharded policy."""
@@ -143,8 +135,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return local
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise CheckpointError(f"model.path={path}: no such folder (and not a hub id of the form org/name)")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
                                                               "*.model", "*.tiktoken"]))

@@ -8,6 +8,9 @@ earns nothing; the value check is still math-verify's.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch
 
 from occ_exp.reward.verifier import Verifier, extract_answer
@@ -45,11 +48,17 @@ class MathReward:
             self.verifier.close()
 
 
+def uses_numbers(answer: str | None, numbers: tuple[int, ...]) -> bool:
+    """The countdown check: the boxed expression uses exactly the given numbers (as a multiset)
+    and only arithmetic characters; the value itself is math-verify's job."""
+    if answer is None or not re.fullmatch(r"[0-9+\-*/() ]+", answer):
+        return False
+    return Counter(int(x) for x in re.findall(r"\d+", answer)) == Counter(numbers)
+
+
 class CountdownReward(MathReward):
     def _check(self, texts, problems):
-        from occ_exp.data.tasks import CountdownTask
-
-        return [CountdownTask.uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
+        return [uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
 
 
 REWARDS = {"math": MathReward, "countdown": CountdownReward}

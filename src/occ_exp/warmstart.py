@@ -19,8 +19,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
+from occ_exp.config import RolloutConfig
+from occ_exp.diagnostics import mtp_health
 from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
+from occ_exp.rollout.hf import HFRollout
 
 CACHE_VERSION = 2  # bump when the warm-start recipe changes (2: MTP reads the pre-norm trunk state)
 
@@ -72,9 +76,6 @@ def sft_loss(policy, ids, attn, R, mtp_weight: float, detach_mtp: bool = False):
 
 def evaluate_samples(policy, tokenizer, task, reward_fn, n: int, device, seed: int = 0, max_new_tokens: int = 96) -> dict:
     """Held-out accuracy greedy and at temperature 1 (one sample per problem)."""
-    from occ_exp.config import RolloutConfig
-    from occ_exp.rollout.hf import HFRollout
-
     problems = task.problems(n, seed=seed, split="test")
     ro = HFRollout(RolloutConfig(max_new_tokens=max_new_tokens), policy, tokenizer, device)
     res = {}
@@ -124,8 +125,6 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
     history, t0, ema = [], time.time(), None
     checkpoints = {int(ws.steps * f) for f in (0.25, 0.5, 0.75)}
     policy.train()
-    from tqdm import tqdm
-
     bar = tqdm(range(ws.steps), desc="warm start", leave=False, mininterval=2.0)
     for step in bar:
         ids, attn, R = demo_batch(task, tokenizer, rng, ws.batch_size, ws.flaw_rate, device)
@@ -160,8 +159,6 @@ def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, ro
     Data (`model_cfg.mtp_warmup_source`): `reference` trains on the task's reference solutions
     (`task.solution`), `rollouts` on the policy's own samples from `rollout` at the rollout
     temperature; `auto` takes the reference solutions when the task has them."""
-    from occ_exp.diagnostics import mtp_health
-
     source = model_cfg.mtp_warmup_source
     if source == "auto":
         source = "reference" if hasattr(task, "solution") else "rollouts"
