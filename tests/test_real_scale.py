@@ -56,3 +56,48 @@ def test_checkpointing_with_shared_prompts_gives_the_gradients_without_checkpoin
     assert ga.keys() == gb.keys() and len(ga) > 10
     for n in ga:
         assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n
+
+
+# -- 2. fresh MTP heads warmed up on file-backed data ---------------------------------------------
+@pytest.mark.parametrize("data", ["dapo_math", "tiny"])
+def test_fresh_head_warms_up_on_either_kind_of_data(tmp_path, data):
+    """A checkpoint without MTP weights gets a fresh head, warmed up on the run's own training
+    prompts: a DAPO-Math-format file (no reference solutions: the policy's own rollouts) or the
+    countdown task; the fresh layer moves and only it."""
+    from occ_exp.builders import build_task
+    from occ_exp.models.loading import load_pretrained
+    from occ_exp.models.warmstart import mtp_warmup
+    from occ_exp.rollout.hf import HFRollout
+    from tests.fixtures.checkpoints import make_plain_checkpoint, write_dapo_math
+
+    over = [f"data.path={write_dapo_math(tmp_path / 'dapo_math.jsonl')}"] if data == "dapo_math" else []
+    cfg = compose_cfg([f"data={data}", *over, "model.mtp_warmup_steps=3", "model.mtp_warmup_batch_size=4",
+                       "model.mtp_warmup_lr=1e-3", "rollout.max_new_tokens=8"])
+    task = build_task(cfg.data)
+    m = load_pretrained(make_plain_checkpoint(tmp_path / "plain"), num_mtp_layers=1)
+    assert m.fresh_mtp_layers == [0]
+    before = {n: q.detach().clone() for n, q in m.policy.lm.named_parameters()}
+    rollout = HFRollout(cfg.rollout, m.policy, m.tokenizer, "cpu")
+    seen = []  # the trainer passes its chat-template formatting here
+    report = mtp_warmup(m.policy, m.tokenizer, task, cfg.model, [0], "cpu", rollout=rollout, log=lambda _: None,
+                        prompt_text=lambda ps: seen.extend(ps) or [p.prompt for p in ps])
+    assert report["steps"] == 3 and report["source"] == ("rollouts" if data == "dapo_math" else "reference")
+    assert (len(seen) == 4 * 4 and all(p in task.problems for p in seen)) if data == "dapo_math" else not seen
+    changed = {n for n, q in m.policy.lm.named_parameters() if not torch.equal(q, before[n])}
+    assert changed and all(n.startswith("model.mtp_layers.0.") for n in changed)
+
+
+def test_a_data_file_draws_seeded_training_problems(tmp_path):
+    """A data file answers `sample(rng, "train")` as the countdown task does: seeded, from its problems."""
+    import random
+
+    from occ_exp.data.benchmarks import MathDataset
+    from tests.fixtures.checkpoints import write_dapo_math
+
+    ds = MathDataset(write_dapo_math(tmp_path / "d.jsonl", n=5, repeats=3))
+    rng = random.Random(1)
+    drawn = [ds.sample(rng, "train") for _ in range(20)]
+    assert len(ds) == 5 and all(p in ds.problems for p in drawn) and len({p.prompt for p in drawn}) > 1
+    assert ds.sample(random.Random(3)) == ds.sample(random.Random(3))
+    with pytest.raises(ValueError, match="held-out"):
+        ds.sample(random.Random(0), "test")
