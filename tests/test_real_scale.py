@@ -101,3 +101,76 @@ def test_a_data_file_draws_seeded_training_problems(tmp_path):
     assert ds.sample(random.Random(3)) == ds.sample(random.Random(3))
     with pytest.raises(ValueError, match="held-out"):
         ds.sample(random.Random(0), "test")
+
+
+# -- 3. a MiMo-format checkpoint: loaded exactly, saved in its own format --------------------------
+def _tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).flatten().numpy()) \
+        == bytes(b.contiguous().view(torch.uint8).flatten().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mimo_checkpoint_mtp_tensors_load_unchanged(tmp_path, dtype):
+    """MiMo's MTP tensors (MiMo's names, bf16) land in our MTP layer unchanged, in a float32 run
+    (the CPU default) as in a bf16 one."""
+    from occ_exp.models.loading import load_pretrained
+    from tests.fixtures.checkpoints import make_mimo_checkpoint
+
+    src = make_mimo_checkpoint(tmp_path / "mimo")
+    m = load_pretrained(src, dtype=dtype)
+    assert m.source == "mimo" and m.loaded_mtp_layers == [0] and not m.fresh_mtp_layers
+    file = _tensors(src)
+    ours = m.policy.lm.state_dict()
+    mtp = [k for k in file if k.startswith("model.mtp_layers.")]
+    assert len(mtp) == 16 and set(k for k in ours if k.startswith("model.mtp_layers.")) == set(mtp)
+    for k in file:
+        assert ours[k].dtype == dtype and _same_bytes(ours[k].to(torch.bfloat16), file[k]), k
+
+
+def test_saving_a_mimo_checkpoint_keeps_its_format_dtype_and_bytes(tmp_path):
+    """Saved from a float32 run: config keeps model_type mimo, MiMoForCausalLM, auto_map (its
+    files copied) and bf16; tensors are bf16; untouched tensors are byte-identical to the source's,
+    a changed one is saved changed; and the folder loads back as MiMo."""
+    import json
+
+    from occ_exp.models.loading import load_pretrained, save_policy
+    from tests.fixtures.checkpoints import MIMO_AUTO_MAP, make_mimo_checkpoint
+
+    src = make_mimo_checkpoint(tmp_path / "mimo")
+    m = load_pretrained(src, dtype=torch.float32)
+    changed = "model.mtp_layers.0.input_proj.weight"
+    with torch.no_grad():
+        m.policy.mtp_layers[0].input_proj.weight.add_(0.5)
+    save_policy(m.policy, m.tokenizer, tmp_path / "saved")
+    raw = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert raw["model_type"] == "mimo" and raw["architectures"] == ["MiMoForCausalLM"]
+    assert raw["auto_map"] == MIMO_AUTO_MAP and raw["torch_dtype"] == "bfloat16" and raw["num_nextn_predict_layers"] == 1
+    assert all((tmp_path / "saved" / f).is_file() for f in ("configuration_mimo.py", "modeling_mimo.py"))
+    before, after = _tensors(src), _tensors(tmp_path / "saved")
+    assert set(after) == set(before) and all(t.dtype == torch.bfloat16 for t in after.values())
+    assert not _same_bytes(after[changed], before[changed])
+    for k in before:
+        if k != changed:
+            assert _same_bytes(after[k], before[k]), k
+    again = load_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert again.source == "mimo" and again.loaded_mtp_layers == [0]
+    assert _same_bytes(again.policy.lm.state_dict()[changed], after[changed])
+
+
+def test_saving_keeps_a_float32_source_float32_and_takes_an_explicit_dtype(tmp_path):
+    """The model's own dtype: an fp32 source stays fp32 (bit-exact reload); `dtype=` overrides."""
+    from occ_exp.models.loading import load_pretrained, save_policy
+    from tests.fixtures.checkpoints import make_plain_checkpoint
+
+    m = load_pretrained(make_plain_checkpoint(tmp_path / "plain"), num_mtp_layers=1)
+    save_policy(m.policy, m.tokenizer, tmp_path / "a")
+    assert all(t.dtype == torch.float32 for t in _tensors(tmp_path / "a").values())
+    save_policy(m.policy, m.tokenizer, tmp_path / "b", dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(tmp_path / "b").values())
