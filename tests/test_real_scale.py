@@ -174,3 +174,20 @@ def test_saving_keeps_a_float32_source_float32_and_takes_an_explicit_dtype(tmp_p
     assert all(t.dtype == torch.float32 for t in _tensors(tmp_path / "a").values())
     save_policy(m.policy, m.tokenizer, tmp_path / "b", dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in _tensors(tmp_path / "b").values())
+
+
+# -- 4. MTP speculative decoding on a trunk vLLM's MiMo drafter cannot serve -----------------------
+def test_speculative_mtp_on_a_llama_trunk_is_a_one_line_config_error(tmp_path):
+    """rollout.speculative=mtp on a Llama trunk (SmolLM2's architecture): a ConfigError (one line
+    from the entry point) naming the supported trunks, raised before vLLM is imported."""
+    from occ_exp.config import ConfigError
+    from occ_exp.models.loading import load_pretrained
+    from occ_exp.rollout.vllm import VLLMRollout
+    from tests.fixtures.checkpoints import make_plain_checkpoint
+
+    m = load_pretrained(make_plain_checkpoint(tmp_path / "llama", arch="llama"), num_mtp_layers=1)
+    cfg = compose_cfg(["rollout=vllm", "rollout.speculative=mtp"])
+    with pytest.raises(ConfigError) as e:
+        VLLMRollout(cfg.rollout, m.policy, m.tokenizer, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "llama" in msg and "Qwen2" in msg and "MiMo" in msg and "speculative=null" in msg
