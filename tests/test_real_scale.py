@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from occ_exp import distributed as D
-from tests.conftest import compose_cfg
+from tests.conftest import CONF as CONF_DIR, compose_cfg
 
 
 # -- 1. gradient checkpointing + shared prompts ---------------------------------------------------
@@ -191,3 +191,80 @@ def test_speculative_mtp_on_a_llama_trunk_is_a_one_line_config_error(tmp_path):
         VLLMRollout(cfg.rollout, m.policy, m.tokenizer, "cpu")
     msg = str(e.value)
     assert "\n" not in msg and "llama" in msg and "Qwen2" in msg and "MiMo" in msg and "speculative=null" in msg
+
+
+# -- 5. presets that measure what the paper measures; a plan that says what a run needs -----------
+MIMO_PRESETS = ["mimo7b_dapo", "mimo7b_gspo"]
+
+
+@pytest.mark.parametrize("preset", MIMO_PRESETS)
+def test_mimo_presets_evaluate_the_six_benchmarks_on_128_gpus_with_lambda_plus_0_1(preset):
+    from occ_exp.data.benchmarks import PAPER_BENCHMARKS
+
+    c = compose_cfg([f"experiment={preset}", "regime=occ"])  # a regime given on the command line keeps 0.1
+    assert tuple(c.benchmark.names) == PAPER_BENCHMARKS
+    assert (c.eval.k, c.eval.temperature > 0) == (32, True)  # avg@32 needs sampling
+    assert c.trainer.final_eval_problems == 0  # every problem at the end
+    assert 0 < c.trainer.eval_problems <= 32 and c.trainer.eval_every > 0  # a cheaper in-training evaluation
+    assert c.distributed.nodes * c.distributed.gpus_per_node == 128
+    assert c.regime.lambda_plus == 0.1 and c.regime.coef == 0.1
+    assert "mtp_loss_scaling_factor=0.1" in (CONF_DIR / "experiment" / "mimo7b_dapo.yaml").read_text()
+    o = compose_cfg([f"experiment={preset}", "distributed.nodes=4", "regime.lambda_plus=1.0"])
+    assert o.distributed.nodes * o.distributed.gpus_per_node == 32 and o.regime.lambda_plus == 1.0
+
+
+def test_the_single_gpu_preset_loads_what_its_comment_says():
+    c = compose_cfg(["experiment=qwen05b_1gpu"])
+    assert c.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "Qwen2.5-0.5B-Instruct" in (CONF_DIR / "experiment" / "qwen05b_1gpu.yaml").read_text().split("defaults:")[0]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_qwen7b_plan_names_the_gpus_it_needs_and_a_short_machine_is_one_line(no_weights):
+    """model=qwen7b on one process does not fit an 80 GB card: the plan says how many GPUs do, and a
+    run on too few GPUs (or none) is refused in one line before any weights load."""
+    from rich.console import Console
+
+    from occ_exp import plan as P
+
+    cfg = compose_cfg(["model=qwen7b"])
+    console = Console(record=True, width=250)
+    plan = P.print_plan(cfg, console)
+    text = console.export_text()
+    fewest = plan["_fewest_gpus"]
+    assert fewest and fewest > 1 and f"on {fewest} GPUs (FSDP2)" in text and "GPUs needed" in text
+    size = P.model_size(P.model_config(cfg.model)[0], 1)
+    assert sum(P.memory_plan(cfg, size, fewest, True).values()) < P.CARD_GIB * P.GiB
+    gpu = compose_cfg(["model=qwen7b", "trainer.device=cuda"])
+    short = P.check_resources(gpu, gpus=1, card_bytes=P.CARD_GIB * P.GiB)
+    assert short and "\n" not in short and f"at least {fewest} GPUs" in short
+    assert P.check_resources(gpu, gpus=fewest, card_bytes=P.CARD_GIB * P.GiB) is None
+    if not torch.cuda.is_available():  # this machine: a CUDA preset is refused in one line
+        msg = P.check_resources(compose_cfg(["experiment=mimo7b_dapo"]))
+        assert msg and "\n" not in msg and "128 GPUs" in msg and "CUDA" in msg
+
+
+def test_dry_run_prints_the_gpu_hours_of_the_whole_run(no_weights):
+    from rich.console import Console
+
+    from occ_exp import plan as P
+
+    def hours(*over):
+        console = Console(record=True, width=250)
+        plan = P.print_plan(compose_cfg(["experiment=mimo7b_dapo", *over]), console)
+        assert "GPU-hours, whole run" in console.export_text()
+        return plan["_gpu_hours"]
+
+    full, half = hours(), hours("trainer.total_steps=250")
+    assert 100 < full < 1e5 and 0.45 < half / full < 0.55  # the steps dominate; evaluation adds a little
+    assert hours("distributed.nodes=4") == pytest.approx(full, rel=0.05)  # the same work on fewer GPUs
