@@ -268,3 +268,37 @@ def test_dry_run_prints_the_gpu_hours_of_the_whole_run(no_weights):
     full, half = hours(), hours("trainer.total_steps=250")
     assert 100 < full < 1e5 and 0.45 < half / full < 0.55  # the steps dominate; evaluation adds a little
     assert hours("distributed.nodes=4") == pytest.approx(full, rel=0.05)  # the same work on fewer GPUs
+
+
+# -- end to end: the real switches through the CLI at toy sizes -------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["mimo", "plain"])
+def test_two_steps_with_the_real_switches_and_a_save(source, tmp_path):
+    """The CLI on a MiMo-format checkpoint (its own MTP layer) and on a plain Qwen2 one (a fresh
+    head, warmed up on the data file): DAPO-Math-format data, gradient checkpointing, shared prompts,
+    group rows in one micro-batch; 2 steps and a save that keeps the source's format and dtype."""
+    import json
+
+    from occ_exp.models.loading import load_pretrained
+    from tests.fixtures.checkpoints import make_mimo_checkpoint, make_plain_checkpoint, write_dapo_math
+    from tests.test_real_model_runs import assert_finite, train
+
+    folder = make_mimo_checkpoint(tmp_path / "ckpt") if source == "mimo" else make_plain_checkpoint(tmp_path / "ckpt")
+    data = write_dapo_math(tmp_path / "dapo_math.jsonl")
+    rows = train(tmp_path / "run", [
+        "experiment=smoke", "logger=jsonl", f"model.path={folder}", "model.name=toy", "data=dapo_math", f"data.path={data}",
+        "model.gradient_checkpointing=true", "model.share_prompts=true", "model.mtp_warmup_steps=2",
+        "model.mtp_warmup_batch_size=2", "data.prompts_per_step=2", "algorithm.group_size=2",
+        "algorithm.num_mini_batches=1", "rollout.max_new_tokens=8", "trainer.eval_before_train=false",
+        "trainer.eval_every=0", "trainer.final_eval_problems=2", "trainer.save_every=2", f"paths.cache_dir={tmp_path}/c",
+        "trainer.threads=1",
+    ], timeout=600)
+    assert len(rows) == 2
+    assert_finite(rows, ("reward/mean", "train/loss", "mtp/acceptance"))
+    saved = next((tmp_path / "run").rglob("step_000002")) / "model"
+    raw = json.loads((saved / "config.json").read_text())
+    assert raw["model_type"] == ("mimo" if source == "mimo" else "qwen2") and raw["architectures"] == ["MiMoForCausalLM"]
+    assert raw["torch_dtype"] == ("bfloat16" if source == "mimo" else "float32")
+    if source == "mimo":
+        assert raw["auto_map"] and (saved / "modeling_mimo.py").is_file()
+    assert load_pretrained(saved).loaded_mtp_layers == [0]
