@@ -13,6 +13,7 @@ import torch
 
 from occ_exp import distributed as D
 from tests.conftest import CONF as CONF_DIR, compose_cfg
+from tests.fixtures.compare import assert_same_logps_and_grads, backward_logps
 
 
 # -- 1. gradient checkpointing + shared prompts ---------------------------------------------------
@@ -47,15 +48,8 @@ def test_checkpointing_with_shared_prompts_gives_the_gradients_without_checkpoin
             with torch.no_grad():
                 assert torch.allclose(p(ids, attn, R).logp_main, out.logp_main, atol=1e-5)
             p.train()
-        mask = attn[:, -R:].float()
-        ((out.logp_main * mask).sum() + sum((lp * mask).sum() for lp in out.logp_mtp)).backward()
-        results.append((out, {n: q.grad for n, q in p.named_parameters() if q.grad is not None}))
-    (a, ga), (b, gb) = results
-    assert torch.allclose(a.logp_main, b.logp_main, atol=1e-5)
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logp_mtp, b.logp_mtp))
-    assert ga.keys() == gb.keys() and len(ga) > 10
-    for n in ga:
-        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n
+        results.append((out, backward_logps(p, out, attn, R)))
+    assert_same_logps_and_grads(*results[0], *results[1])
 
 
 # -- 2. fresh MTP heads warmed up on file-backed data ---------------------------------------------
