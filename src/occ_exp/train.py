@@ -38,6 +38,10 @@ def main(cfg: DictConfig) -> dict | None:
         if cfg.trainer.dry_run:
             print_plan(cfg, console)
             return None
+        from occ_exp.plan import check_resources
+
+        if (problem := check_resources(cfg)) is not None:  # too few GPUs: say so before loading weights
+            raise ConfigError(problem)
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
     except (ConfigError, CheckpointError, DataError) as e:  # bad input: one line, before work starts

@@ -55,8 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from occ_exp.errors import ConfigError
 from occ_exp.rollout.base import Rollout, RolloutBatch, pack_sequences, register_rollout
 from occ_exp.serving import serving_architecture
+
+#: trunks (transformers model_type; a loaded MiMo checkpoint's trunk is qwen2) whose MTP layers
+#: vLLM's MiMo MTP drafter serves under rollout.speculative=mtp
+MTP_DRAFT_TRUNKS = ("qwen2", "mimo")
 
 SPEC_COUNTERS = {
     "vllm:spec_decode_num_drafts": "rollout/spec_drafts",
@@ -184,15 +189,16 @@ def _weight_version_on_worker(worker) -> int:
 class VLLMRollout(Rollout):
     def __init__(self, cfg, policy, tokenizer, device):
         self.llm = None  # the engine, once started
+        self.speculative = cfg.speculative == "mtp"
+        if self.speculative and policy.config.model_type not in MTP_DRAFT_TRUNKS:  # bad input: before vLLM loads
+            raise ConfigError(
+                f"rollout.speculative=mtp: vLLM drafts with our MTP layers through its MiMo MTP drafter, which "
+                f"serves only Qwen2 and MiMo trunks; this model's trunk is {policy.config.model_type!r}. "
+                "Use rollout.speculative=null (or a Qwen2 / MiMo model)"
+            )
         vllm = _import_vllm()
         self.cfg, self.policy, self.tokenizer = cfg, policy, tokenizer
         self.device = torch.device(device)
-        self.speculative = cfg.speculative == "mtp"
-        if self.speculative and policy.config.model_type != "qwen2":
-            raise ValueError(
-                f"rollout.speculative=mtp: vLLM's MTP drafter for our checkpoints is MiMo's, which needs a Qwen2 "
-                f"trunk; this model is {policy.config.model_type!r}. Use rollout.speculative=null"
-            )
         on_gpu = self.device.type == "cuda"
         self.sleep = bool(cfg.sleep) and on_gpu
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: weights pass by reference
