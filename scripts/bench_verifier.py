@@ -15,18 +15,30 @@ Reports the median verifications per second over several repetitions for
 
 and writes results/verifier_bench.json and results/verifier_bench.md.
 
+``--pools`` instead compares the verifier's own worker pool (``occ_exp.reward.pool``) with
+``pebble.ProcessPool`` (a maintained pool with per-task timeouts and worker replacement; one
+task per item, the same math-verify engine, warm-up and soft CPU-time abort, one retry per
+timed-out item) on the realistic workload, on the hostile-input corpus of
+tests/test_verifier_fuzz.py (its checks included) and on the pathological answers of
+tests/test_verifier.py, and writes results/verifier_pools.json.
+
 Usage::
 
     python scripts/bench_verifier.py [--n 2000] [--reps 5] [--workers 2] [--timeout 5]
+    python scripts/bench_verifier.py --pools [--n 1000] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
+import multiprocessing as mp
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import time
@@ -39,6 +51,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
+import occ_exp.reward.verifier as verifier_module  # noqa: E402
+from occ_exp.reward.engine import TIMEOUT, Engine, SoftTimeout  # noqa: E402
+from occ_exp.reward.pool import CRASH, SOFT_FRACTION, default_start_method  # noqa: E402
 from occ_exp.reward.verifier import Verifier  # noqa: E402
 
 TARGET_PER_S = 500.0
@@ -210,6 +225,159 @@ class Config:
         }
 
 
+# --------------------------------------------------------------------------- #
+# --pools: the verifier's own pool against pebble.ProcessPool
+# --------------------------------------------------------------------------- #
+
+_ENGINE: Engine | None = None
+_SOFT_S = 0.0
+
+
+def _pebble_init(soft_s: float) -> None:
+    """pebble worker initializer: the same engine and warm-up as occ_exp.reward.pool's workers."""
+    global _ENGINE, _SOFT_S
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ENGINE, _SOFT_S = Engine(), soft_s
+    _ENGINE.warm_up()
+
+
+def _pebble_task(pred: str, gold: str) -> tuple[float, int]:
+    try:
+        return _ENGINE.run(pred, gold, _SOFT_S)  # type: ignore[union-attr]
+    except SoftTimeout:
+        return 0.0, TIMEOUT
+
+
+class PebblePool:
+    """occ_exp.reward.pool.WorkerPool's interface on pebble.ProcessPool: one task per item with
+    pebble's per-task (wall-clock) timeout, which kills and replaces the worker; a timed-out item
+    is scheduled once more, as the verifier's own pool does."""
+
+    def __init__(self, num_workers: int, timeout_s: float, *, soft_timeout: bool = True,
+                 start_method: str | None = None, **_: object) -> None:
+        import pebble  # noqa: PLC0415 - optional, benchmark only (pip install pebble)
+
+        self.num_workers, self.timeout_s = int(num_workers), float(timeout_s)
+        self.max_wall_s = self.timeout_s
+        self.kills = self.restarts = self.retries = 0
+        self.spawned_pids: list[int] = []
+        self.closed = False
+        soft_s = self.timeout_s * SOFT_FRACTION if soft_timeout else 0.0
+        self._pool = pebble.ProcessPool(max_workers=self.num_workers, initializer=_pebble_init, initargs=(soft_s,),
+                                        context=mp.get_context(start_method or default_start_method()))
+        self._pool.schedule(_pebble_task, args=("1", "1")).result()  # start the workers
+
+    def worker_pids(self) -> list[int]:
+        pids = list(self._pool._pool_manager.worker_manager.workers)  # noqa: SLF001 - monitoring only
+        self.spawned_pids += [p for p in pids if p not in self.spawned_pids]
+        return pids
+
+    def run(self, work: list[tuple[int, str, str]]) -> tuple[dict[int, tuple[float, int]], int]:
+        futures = {self._pool.schedule(_pebble_task, args=(pred, gold), timeout=self.timeout_s): (idx, pred, gold)
+                   for idx, pred, gold in work}
+        results: dict[int, tuple[float, int]] = {}
+        retried: set[int] = set()
+        while futures:
+            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            self.worker_pids()
+            for fut in done:
+                idx, pred, gold = futures.pop(fut)
+                try:
+                    value, flag = fut.result()
+                except concurrent.futures.TimeoutError:
+                    self.kills += 1
+                    self.restarts += 1
+                    value, flag = 0.0, TIMEOUT
+                except Exception:  # pebble.ProcessExpired: the worker died
+                    self.restarts += 1
+                    value, flag = 0.0, CRASH
+                if flag == TIMEOUT and idx not in retried:
+                    retried.add(idx)
+                    self.retries += 1
+                    futures[self._pool.schedule(_pebble_task, args=(pred, gold), timeout=self.timeout_s)] = (idx, pred, gold)
+                    continue
+                results[idx] = (value, flag)
+        return results, len(retried)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.worker_pids()
+            self._pool.stop()
+            self._pool.join()
+
+
+@contextlib.contextmanager
+def _pool_class(cls: type):
+    """Make occ_exp.reward.verifier.Verifier build its pool from ``cls``."""
+    saved = verifier_module.WorkerPool
+    verifier_module.WorkerPool = cls
+    try:
+        yield
+    finally:
+        verifier_module.WorkerPool = saved
+
+
+def compare_pools(args: argparse.Namespace) -> None:
+    """Throughput, fuzz corpus and hang cases through both pools; writes results/verifier_pools.json."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import test_verifier as hang_tests  # noqa: PLC0415 - the test modules' inputs and checks
+    import test_verifier_fuzz as fuzz  # noqa: PLC0415
+
+    from occ_exp.reward.pool import WorkerPool  # noqa: PLC0415
+
+    load_before = os.getloadavg()
+    out: dict[str, object] = {}
+    for name, cls in (("own", WorkerPool), ("pebble", PebblePool)):
+        r: dict[str, object] = {}
+        with _pool_class(cls):
+            # 1) realistic workload, math-verify path (fast path off: every item reaches the pool)
+            with Verifier(num_workers=args.workers, timeout_s=args.timeout, fast_path=False) as v:
+                v.score(*make_batch(seed=10_000, n=64))
+                rates = []
+                for rep in range(args.reps):
+                    res = v.score(*make_batch(seed=7 + rep, n=args.n))
+                    rates.append(args.n / res.seconds)
+                    print(f"  [{name}] realistic rep {rep}: {rates[-1]:.1f}/s", flush=True)
+            r["realistic_median_per_s"] = round(statistics.median(rates), 1)
+            # 2) hang cases: each pathological answer alone, then ordinary answers still score
+            with Verifier(num_workers=2, timeout_s=hang_tests.TIMEOUT_S, soft_timeout=False) as v:
+                hang_tests._check_ordinary(v)
+                lat = {}
+                for case, text in hang_tests.PATHOLOGICAL.items():
+                    t0 = time.monotonic()
+                    res = v.score([text], ["7"])
+                    lat[case] = round(time.monotonic() - t0, 2)
+                    assert res.scores == [0.0]
+                hang_tests._check_ordinary(v)
+            r["hang_kill_only_latency_s"] = lat
+            print(f"  [{name}] hang cases (kill-only, timeout {hang_tests.TIMEOUT_S}s): {lat}", flush=True)
+            # 3) the fuzz test's corpus and assertions, both modes
+            items = fuzz._generate()
+            t0 = time.monotonic()
+            soft = fuzz._run_mode(items, soft_timeout=True)
+            sample = random.Random(fuzz.SEED + 1).sample(items, fuzz.KILL_ONLY_SAMPLE)
+            kill_only = fuzz._run_mode(sample, soft_timeout=False)
+            r["fuzz_wall_s"] = round(time.monotonic() - t0, 1)
+            r["fuzz_soft_alarm"], r["fuzz_kill_only"] = soft, kill_only
+            print(f"  [{name}] fuzz: passed, {r['fuzz_wall_s']} s (soft {soft['total_wall_s']} s, "
+                  f"kill-only {kill_only['total_wall_s']} s)", flush=True)
+        out[name] = r
+    report = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "pebble": _version("pebble"),
+        "num_workers": args.workers, "timeout_s": args.timeout, "items_per_rep": args.n, "reps": args.reps,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "pools": out,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "verifier_pools.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: {m: v for m, v in r.items() if not m.startswith("fuzz_") or m == "fuzz_wall_s"}
+                      for k, r in out.items()}, indent=1))
+    print(f"wrote {args.out / 'verifier_pools.json'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="items per repetition")
@@ -218,7 +386,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=5.0, help="timeout_s per item")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt in the grouped workload")
     ap.add_argument("--out", type=Path, default=REPO / "results", help="output directory")
+    ap.add_argument("--pools", action="store_true", help="compare the worker pool with pebble.ProcessPool instead")
     args = ap.parse_args()
+    if args.pools:
+        compare_pools(args)
+        return
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"verifier benchmark: n={args.n} x {args.reps} reps, num_workers={args.workers}, timeout_s={args.timeout}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 __all__ = ["MAX_ANSWER_CHARS", "extract_answer", "fast_verdict"]
 
@@ -174,7 +175,11 @@ def fast_verdict(pred: str, gold: str) -> float | None:
       whitespace collapsed) -> 1.0;
     * both plain decimal numerals (``-?digits[.digits]``, at most 40 chars) that are
       exactly equal as decimals (``3`` vs ``3.0``, ``.5`` vs ``0.50``) -> 1.0;
-    * both plain integers with ``|x| < 10**12`` that differ -> 0.0.
+    * both plain integers with ``|x| < 10**12`` that differ -> 0.0;
+    * both exact closed forms (see :func:`exact_value`: products and one quotient of
+      integers, ``\frac``, ``\sqrt{n}`` and ``\pi``, or tuples of integers) -> equal values
+      1.0, different values 0.0; a lone decimal against a rational: exactly equal 1.0,
+      more than 1e-5 apart 0.0 (math-verify rounds floats to 6 places: nearer is left to it).
 
     Different decimals are *not* decided here: math-verify rounds floats (6 places),
     so ``0.3333333`` may equal ``1/3`` there.
@@ -198,5 +203,209 @@ def fast_verdict(pred: str, gold: str) -> float | None:
             return 1.0
         if "." not in p and "." not in g and abs(dp) < _FAST_INT_LIMIT and abs(dg) < _FAST_INT_LIMIT:
             return 0.0
-    return None
+        return None
+    vp, vg = exact_value(p), exact_value(g)
+    if vp is None or vg is None:
+        return None
+    if isinstance(vp, tuple) or isinstance(vg, tuple):
+        if not (isinstance(vp, tuple) and isinstance(vg, tuple)):
+            return None
+        return 1.0 if vp == vg else 0.0
+    if vp.decimal or vg.decimal:
+        if not (vp.rational and vg.rational):
+            return None
+        if vp.coef == vg.coef:
+            return 1.0
+        return 0.0 if abs(vp.coef - vg.coef) > _FAST_FLOAT_GAP else None
+    return 1.0 if vp.key() == vg.key() else 0.0
 
+
+# --------------------------------------------------------------------------- #
+# Exact closed forms: c * sqrt(d) * pi^k with c rational, d square-free
+# --------------------------------------------------------------------------- #
+
+_FAST_FLOAT_GAP = Fraction(1, 10**5)
+_MAX_FORM_CHARS = 64
+_MAX_INT_DIGITS = 12
+_MAX_RADICAND = 10**8
+# Tokens of the closed forms; anything else (letters, other macros, +, ^, !, ...) -> not decided.
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<num>[0-9]+(?:\.[0-9]+)?)|(?P<macro>\\(?:[dt]?frac|sqrt|pi|cdot|times))|(?P<sym>[-*/(){},]))"
+)
+# Two numerals separated only by blanks or a comma inside a number ("1 000", "1,000") read
+# differently in math-verify (1*0, 1000): never decided here.
+_AMBIGUOUS_NUMERALS_RE = re.compile(r"[0-9]\s+[0-9]|[0-9],[0-9]{3}(?![0-9])")
+
+
+class _Form:
+    """An exact value ``coef * sqrt(rad) * pi**pi_pow`` (``rad`` square-free)."""
+
+    __slots__ = ("coef", "rad", "pi_pow", "decimal")
+
+    def __init__(self, coef: Fraction, rad: int = 1, pi_pow: int = 0, decimal: bool = False) -> None:
+        self.coef, self.rad, self.pi_pow, self.decimal = coef, rad, pi_pow, decimal
+
+    @property
+    def rational(self) -> bool:
+        return self.rad == 1 and self.pi_pow == 0
+
+    def key(self) -> tuple[Fraction, int, int]:
+        return (Fraction(0), 1, 0) if self.coef == 0 else (self.coef, self.rad, self.pi_pow)
+
+    def times(self, other: _Form) -> _Form:
+        sq, rad = _split_square(self.rad * other.rad)
+        return _Form(self.coef * other.coef * sq, rad, self.pi_pow + other.pi_pow, self.decimal or other.decimal)
+
+    def over(self, other: _Form) -> _Form | None:
+        if other.coef == 0:
+            return None
+        # sqrt(a)/sqrt(b) = sqrt(a*b)/b
+        sq, rad = _split_square(self.rad * other.rad)
+        return _Form(self.coef * sq / (other.coef * other.rad), rad, self.pi_pow - other.pi_pow,
+                     self.decimal or other.decimal)
+
+
+def _split_square(n: int) -> tuple[int, int]:
+    """``n = s*s*r`` with ``r`` square-free: returns ``(s, r)``."""
+    s, r, f = 1, 1, 2
+    while f * f <= n:
+        while n % (f * f) == 0:
+            n //= f * f
+            s *= f
+        if n % f == 0:
+            n //= f
+            r *= f
+        f += 1
+    return s, r * n
+
+
+class _Parser:
+    """Recursive descent over the tokens of one closed form; None for anything else."""
+
+    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+        self.toks, self.i = tokens, 0
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, text: str) -> bool:
+        t = self.peek()
+        if t is not None and t[1] == text:
+            self.i += 1
+            return True
+        return False
+
+    def product(self) -> _Form | None:
+        """factor ((\cdot | \times | * | implicit before a macro) factor)* [/ factor]"""
+        value = self.factor()
+        while value is not None:
+            t = self.peek()
+            if t is None:
+                return value
+            if t[1] in ("\\cdot", "\\times", "*"):
+                self.i += 1
+            elif not (t[0] == "macro" and t[1] in ("\\sqrt", "\\pi", "\\frac", "\\dfrac", "\\tfrac")):
+                break  # "(3)(4)" is not 12 for math-verify: juxtaposed groups are left to it
+            nxt = self.factor()
+            value = None if nxt is None or nxt.decimal or value.decimal else value.times(nxt)
+        if value is not None and self.take("/"):
+            den = self.factor()
+            value = None if den is None or den.decimal or value.decimal else value.over(den)
+        return value
+
+    def braced(self) -> _Form | None:
+        if not self.take("{"):
+            return None
+        value = self.product()
+        return value if self.take("}") else None
+
+    def factor(self) -> _Form | None:
+        t = self.peek()
+        if t is None:
+            return None
+        self.i += 1
+        kind, text = t
+        if kind == "num":
+            digits = text.replace(".", "").lstrip("0")
+            if len(digits) > _MAX_INT_DIGITS:
+                return None
+            if "." in text:
+                return _Form(Fraction(Decimal(text)), decimal=True)
+            return _Form(Fraction(int(text)))
+        if text == "\\pi":
+            return _Form(Fraction(1), pi_pow=1)
+        if text == "\\sqrt":
+            inner = self.braced()
+            if inner is None or not inner.rational or inner.decimal or inner.coef.denominator != 1:
+                return None
+            n = int(inner.coef)
+            if n < 0 or n > _MAX_RADICAND:
+                return None
+            sq, rad = _split_square(n)
+            return _Form(Fraction(sq), rad)
+        if text in ("\\frac", "\\dfrac", "\\tfrac"):
+            num, den = self.braced(), self.braced()
+            if num is None or den is None or num.decimal or den.decimal:
+                return None
+            return num.over(den)
+        if text == "(":
+            inner = self.product()
+            return inner if self.take(")") else None
+        return None
+
+
+def exact_value(s: str) -> _Form | tuple[int, ...] | None:
+    """The exact value of a closed form, or None if ``s`` is anything else.
+
+    Accepted: an optional leading ``-`` and a product of integers, one decimal (alone),
+    ``\frac{..}{..}`` (``\dfrac``, ``\tfrac``), ``\sqrt{integer}``, ``\pi`` and parenthesised
+    groups, joined by ``\cdot``, ``\times``, ``*`` or juxtaposition before a macro,
+    with at most one trailing ``/ factor``; or a parenthesised tuple of two or more integers.
+    """
+    if len(s) > _MAX_FORM_CHARS or _AMBIGUOUS_NUMERALS_RE.search(s):
+        return None
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    s = s.rstrip()
+    while pos < len(s):
+        m = _TOKEN_RE.match(s, pos)
+        if m is None or m.end() == pos:
+            return None
+        kind = m.lastgroup or ""
+        tokens.append((kind, m.group(kind)))
+        pos = m.end()
+    if tokens and tokens[0][1] == "(" and any(t[1] == "," for t in tokens):
+        return _int_tuple(tokens)
+    if any(t[1] == "," for t in tokens):
+        return None
+    negative = bool(tokens) and tokens[0][1] == "-"
+    parser = _Parser(tokens[1:] if negative else tokens)
+    value = parser.product()
+    if value is None or parser.i != len(parser.toks):
+        return None
+    if negative:
+        value.coef = -value.coef
+    return value
+
+
+def _int_tuple(tokens: list[tuple[str, str]]) -> tuple[int, ...] | None:
+    """``( [-]int , [-]int , ... )`` -> the integers; None for anything else."""
+    if tokens[-1][1] != ")":
+        return None
+    out: list[int] = []
+    body, k = tokens[1:-1], 0
+    while k < len(body):
+        sign = 1
+        if body[k][1] == "-":
+            sign, k = -1, k + 1
+        if k >= len(body) or body[k][0] != "num" or "." in body[k][1] or len(body[k][1]) > _MAX_INT_DIGITS:
+            return None
+        out.append(sign * int(body[k][1]))
+        k += 1
+        if k < len(body):
+            if body[k][1] != ",":
+                return None
+            k += 1
+            if k == len(body):
+                return None
+    return tuple(out) if len(out) >= 2 else None

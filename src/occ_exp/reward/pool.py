@@ -4,8 +4,9 @@ Why processes: math-verify protects itself with ``signal.alarm`` and refuses to 
 threads, and sympy can run for hours on inputs like ``9^{9^{9^{9}}}``, possibly inside C code
 that no signal interrupts.  Workers are started with the ``forkserver`` method (``spawn``
 where forkserver is unavailable): the parent may have torch and CUDA loaded, which must never
-be forked.  The forkserver preloads ``math_verify`` and the worker code, so a replacement
-forks quickly; each worker then warms up (:meth:`Engine.warm_up`) before it reports ready.
+be forked.  The forkserver preloads ``math_verify`` and the worker code and warms them
+(:mod:`occ_exp.reward.warm`), so a replacement forks ready in a fraction of a second; each
+worker still runs :meth:`Engine.warm_up` (nearly free then) before it reports ready.
 As with any spawn/forkserver child, multiprocessing re-runs the parent's main module (as
 ``__mp_main__``) in each worker: entry points keep their work under
 ``if __name__ == "__main__":``.
@@ -230,8 +231,8 @@ class WorkerPool:
         if method == "forkserver":
             # Only takes effect if this process has not started its forkserver yet (the
             # forkserver is per process and shared); a replacement worker then forks with
-            # math_verify and the worker code already imported.
-            self._ctx.set_forkserver_preload(["math_verify", "occ_exp.reward.engine", __name__])
+            # math_verify imported and warmed (occ_exp.reward.warm) and the worker code loaded.
+            self._ctx.set_forkserver_preload(["math_verify", "occ_exp.reward.warm", __name__])
         self._closed = False
         self._chunk_counter = 0
         self._start_failures = 0
