@@ -367,16 +367,21 @@ def compare_pools(args: argparse.Namespace) -> None:
             # 3) the fuzz test's corpus and assertions, both modes
             items = fuzz._generate()
             t0 = time.monotonic()
-            soft = fuzz._run_mode(items, soft_timeout=True)
-            sample = random.Random(fuzz.SEED + 1).sample(items, fuzz.KILL_ONLY_SAMPLE)
-            kill_only = fuzz._run_mode(sample, soft_timeout=False)
+            try:
+                soft = fuzz._run_mode(items, soft_timeout=True)
+                sample = random.Random(fuzz.SEED + 1).sample(items, fuzz.KILL_ONLY_SAMPLE)
+                kill_only = fuzz._run_mode(sample, soft_timeout=False)
+                r["fuzz_status"] = "passed"
+            except AssertionError as exc:
+                soft = kill_only = {}
+                r["fuzz_status"] = f"FAILED: {str(exc).splitlines()[0][:160]}"
             r["fuzz_wall_s"] = round(time.monotonic() - t0, 1)
             r["fuzz_soft_alarm"], r["fuzz_kill_only"] = soft, kill_only
-            print(f"  [{name}] fuzz: passed, {r['fuzz_wall_s']} s (soft {soft['total_wall_s']} s, "
-                  f"kill-only {kill_only['total_wall_s']} s)", flush=True)
+            print(f"  [{name}] fuzz: {r['fuzz_status']}, {r['fuzz_wall_s']} s", flush=True)
         out[name] = r
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "commit": _commit(),
         "pebble": _version("pebble"),
         "num_workers": args.workers, "timeout_s": args.timeout, "items_per_rep": args.n, "reps": args.reps,
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -388,6 +393,27 @@ def compare_pools(args: argparse.Namespace) -> None:
     print(json.dumps({k: {m: v for m, v in r.items() if not m.startswith("fuzz_") or m == "fuzz_wall_s"}
                       for k, r in out.items()}, indent=1))
     print(f"wrote {args.out / 'verifier_pools.json'}")
+
+
+def _pools_section(path: Path) -> list[str]:
+    """The last --pools comparison (results/verifier_pools.json), as markdown lines."""
+    if not path.exists():
+        return []
+    rep = json.loads(path.read_text())
+    md = ["## Worker pool: own vs pebble.ProcessPool", "",
+          f"Command: `{rep['command']}` at commit {rep.get('commit', 'unknown')}; pebble {rep['pebble']}, "
+          f"num_workers={rep['num_workers']}, timeout_s={rep['timeout_s']}, load average before/after "
+          f"{rep['loadavg_before']} / {rep['loadavg_after']}.", "",
+          "| pool | realistic /s (math-verify path) | hang cases, kill-only (s per call) | fuzz + hang checks | "
+          "fuzz wall s (soft / kill-only) | worker kills (soft / kill-only) |",
+          "|---|---:|---|---|---|---|"]
+    for name, r in rep["pools"].items():
+        soft, kill = r.get("fuzz_soft_alarm") or {}, r.get("fuzz_kill_only") or {}
+        md.append(f"| {name} | {r.get('realistic_median_per_s')} | {r.get('hang_kill_only_latency_s')} | "
+                  f"{r.get('fuzz_status', 'passed' if soft else 'not run')} | "
+                  f"{soft.get('total_wall_s')} / {kill.get('total_wall_s')} | "
+                  f"{soft.get('worker_kills')} / {kill.get('worker_kills')} |")
+    return md + [""]
 
 
 def profile_engine(args: argparse.Namespace) -> None:
@@ -556,6 +582,7 @@ def main() -> None:
         "workload) are parsed/verified once.",
         "",
     ]
+    md += _pools_section(args.out / "verifier_pools.json")
     (args.out / "verifier_bench.md").write_text("\n".join(md))
     print(f"\nheadline: {headline:.1f} verifications/s (math-verify only: {mv['median_per_s']:.1f}/s, "
           f"grouped: {grouped['median_per_s']:.1f}/s); "
