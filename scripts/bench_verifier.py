@@ -275,8 +275,11 @@ class PebblePool:
         self.spawned_pids: list[int] = []
         self.closed = False
         soft_s = self.timeout_s * SOFT_FRACTION if soft_timeout else 0.0
+        ctx = mp.get_context(start_method or default_start_method())
+        if ctx.get_start_method() == "forkserver":  # the same warm forkserver as the own pool's
+            ctx.set_forkserver_preload(["math_verify", "occ_exp.reward.warm", "occ_exp.reward.pool"])
         self._pool = pebble.ProcessPool(max_workers=self.num_workers, initializer=_pebble_init, initargs=(soft_s,),
-                                        context=mp.get_context(start_method or default_start_method()))
+                                        context=ctx)
         self._pool.schedule(_pebble_task, args=("1", "1")).result()  # start the workers
 
     def worker_pids(self) -> list[int]:
@@ -341,6 +344,8 @@ def compare_pools(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     out: dict[str, object] = {}
     for name, cls in (("own", WorkerPool), ("pebble", PebblePool)):
+        if args.only and name != args.only:
+            continue
         r: dict[str, object] = {}
         with _pool_class(cls):
             # 1) realistic workload, math-verify path (fast path off: every item reaches the pool)
@@ -468,6 +473,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="samples per prompt in the grouped workload")
     ap.add_argument("--out", type=Path, default=REPO / "results", help="output directory")
     ap.add_argument("--pools", action="store_true", help="compare the worker pool with pebble.ProcessPool instead")
+    ap.add_argument("--only", choices=["own", "pebble"], help="with --pools: measure one pool only")
     ap.add_argument("--profile", action="store_true", help="profile math-verify's CPU cost per answer kind instead")
     args = ap.parse_args()
     if args.profile:
