@@ -29,6 +29,12 @@ WALL_FACTOR = 2.0
 MAX_TIMEOUT_WALL_S = 2 * (WALL_FACTOR * TIMEOUT_S + MARGIN_S)
 
 
+def slowdown() -> float:
+    """Run-queue length per CPU (>= 1): the wall-clock bounds below scale with it, since the
+    deadlines count CPU time and other processes on the machine share the cores."""
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="module")
 def verifier():
     with Verifier(num_workers=2, timeout_s=5.0) as v:
@@ -134,7 +140,7 @@ def test_extract_answer_is_fast(name: str) -> None:
     t0 = time.perf_counter()
     out = extract_answer(text)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"{name}: {elapsed:.3f}s"
+    assert elapsed < 0.5 * slowdown(), f"{name}: {elapsed:.3f}s"
     assert out is None or len(out) <= MAX_ANSWER_CHARS
     if name.endswith("then_box"):
         assert out == "8"
@@ -363,7 +369,7 @@ def test_pathological_answers_time_out_and_pool_survives(soft_timeout: bool) -> 
             res = v.score([text], ["7"])
             elapsed = time.monotonic() - t0
             assert res.scores == [0.0], name
-            assert elapsed < MAX_TIMEOUT_WALL_S, f"{name} took {elapsed:.2f}s"
+            assert elapsed < MAX_TIMEOUT_WALL_S * slowdown(), f"{name} took {elapsed:.2f}s"
             if name in ("power_tower", "factorial_tower"):
                 assert res.timeouts == 1, name
         if not soft_timeout:
@@ -373,7 +379,7 @@ def test_pathological_answers_time_out_and_pool_survives(soft_timeout: bool) -> 
         t0 = time.monotonic()
         res = v.score([PATHOLOGICAL["power_tower"]], ["7"])
         assert res.scores == [0.0] and res.timeouts == 1
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 0.5 * slowdown()
         _check_ordinary(v)  # the pool survived
 
 
@@ -389,7 +395,7 @@ def test_stuck_item_in_a_chunk_does_not_lose_the_rest() -> None:
         res = v.score([r for r, _, _ in items], [g for _, g, _ in items])
         assert res.scores == [e for _, _, e in items]
         assert res.timeouts == 1 and res.retried == 1 and v.kills == 2  # killed, retried, killed
-        assert res.seconds < MAX_TIMEOUT_WALL_S + 2 * MARGIN_S + 2.0  # two replacements start
+        assert res.seconds < (MAX_TIMEOUT_WALL_S + 2 * MARGIN_S + 2.0) * slowdown()  # two replacements start
         _check_ordinary(v)
 
 
@@ -418,7 +424,7 @@ def test_worker_dying_mid_item_is_a_crash_not_a_hang() -> None:
             timer.cancel()
         assert res.scores == [e for _, _, e in items]
         assert res.crashes == 1 and res.timeouts == 0
-        assert res.seconds < 6.0  # far below the 10 s item deadline
+        assert res.seconds < 6.0 * slowdown()  # far below the 10 s item deadline
         _check_ordinary(v)
 
 
