@@ -32,12 +32,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import concurrent.futures
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import pstats
 import random
 import signal
 import statistics
@@ -55,7 +57,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import occ_exp.reward.verifier as verifier_module  # noqa: E402
 from occ_exp.reward.engine import TIMEOUT, Engine, SoftTimeout  # noqa: E402
-from occ_exp.reward.pool import CRASH, SOFT_FRACTION, default_start_method  # noqa: E402
+from occ_exp.reward.extract import fast_verdict  # noqa: E402
+from occ_exp.reward.pool import CRASH, SOFT_FRACTION, WorkerPool, default_start_method  # noqa: E402
 from occ_exp.reward.verifier import Verifier  # noqa: E402
 
 TARGET_PER_S = 500.0
@@ -267,7 +270,7 @@ class PebblePool:
 
     def __init__(self, num_workers: int, timeout_s: float, *, soft_timeout: bool = True,
                  start_method: str | None = None, **_: object) -> None:
-        import pebble  # noqa: PLC0415 - optional, benchmark only (pip install pebble)
+        import pebble  # noqa: PLC0415 - optional, benchmark only (pip install -e ".[verifier-bench]")
 
         self.num_workers, self.timeout_s = int(num_workers), float(timeout_s)
         self.max_wall_s = self.timeout_s
@@ -336,10 +339,9 @@ def _pool_class(cls: type):
 def compare_pools(args: argparse.Namespace) -> None:
     """Throughput, fuzz corpus and hang cases through both pools; writes results/verifier_pools.json."""
     sys.path.insert(0, str(REPO / "tests"))
-    import test_verifier as hang_tests  # noqa: PLC0415 - the test modules' inputs and checks
+    # The test modules' inputs and checks, importable once tests/ is on the path.
+    import test_verifier as hang_tests  # noqa: PLC0415
     import test_verifier_fuzz as fuzz  # noqa: PLC0415
-
-    from occ_exp.reward.pool import WorkerPool  # noqa: PLC0415
 
     load_before = os.getloadavg()
     out: dict[str, object] = {}
@@ -423,11 +425,6 @@ def _pools_section(path: Path) -> list[str]:
 
 def profile_engine(args: argparse.Namespace) -> None:
     """CPU cost per answer kind of what reaches math-verify, and where it goes (cProfile, one process)."""
-    import cProfile  # noqa: PLC0415 - profiling mode only
-    import pstats  # noqa: PLC0415
-
-    from occ_exp.reward.extract import fast_verdict  # noqa: PLC0415
-
     engine = Engine()
     engine.warm_up()
     rng = random.Random(5)
