@@ -29,15 +29,16 @@ class MathReward:
         ok = self._check(texts, problems)
         idx = [i for i, good in enumerate(ok) if good]
         scores = [0.0] * len(texts)
-        timeouts = unparsed = 0
+        timeouts = unparsed = retried = 0
         if idx:
             res = self.verifier.score([texts[i] for i in idx], [problems[i].answer for i in idx])
             for i, s in zip(idx, res.scores):
                 scores[i] = s
-            timeouts, unparsed = res.timeouts, res.unparsed
+            timeouts, unparsed, retried = res.timeouts, res.unparsed, res.retried
         n = max(len(texts), 1)
         stats = {
-            "reward/timeouts": timeouts,
+            "reward/timeouts": timeouts,  # pairs over the CPU-time limit twice (or poisoned earlier)
+            "reward/timeout_retries": retried,  # pairs over the limit once, then tried again
             "reward/unparsed": unparsed + (len(texts) - len(idx)),
             "reward/format_ok": len(idx) / n,
         }
