@@ -36,7 +36,7 @@ check in about a minute on a CPU; its report says that no GPU run happened). Env
 GPU_CHECK_RESULTS (results), GPU_CHECK_DIR (work folder, default a temporary one),
 GPU_CHECK_BUDGET_S (wall budget from GPU_CHECK_T0), GPU_CHECK_PARTS (a subset, e.g. "a,c"),
 GPU_CHECK_FAIL (parts to fail on purpose, e.g. "b": the report must still be written),
-GPU_CHECK_TINY_SEEDS, GPU_CHECK_COMMIT (the commit, where the tree has no .git), GPU_CHECK_OVERRIDES
+GPU_CHECK_TINY_SEEDS / GPU_CHECK_TINY_MAX_STEPS ((d)'s seeds, its step cap), GPU_CHECK_COMMIT (the commit, where the tree has no .git), GPU_CHECK_OVERRIDES
 (Hydra overrides appended to (a)-(c)'s runs, e.g. "model.share_prompts=false"; the report shows them).
 """
 
@@ -122,7 +122,7 @@ class Sizes:
     control: bool = True  # (c): a second straight run, for the GPU's run-to-run determinism
 
 
-GPU = Sizes(toy=False, budget_s=450, threads=8,
+GPU = Sizes(toy=False, budget_s=440, threads=8,
             timeout={"setup": 120, "peak": 60, "a": 140, "b": 100, "c": 170, "d": 450},
             a=dict(prompts=32, group=8, mini=4, new_tokens=512, micro=8192, steps=5, final_eval=16),
             b=dict(prompts=16, group=8, mini=4, new_tokens=256, micro=0, steps=5, final_eval=8),
@@ -285,17 +285,25 @@ def launch(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
 
 
-def stop(p: subprocess.Popen, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    if p.poll() is not None:
-        return
-    try:
-        os.killpg(p.pid, sig)
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    except ProcessLookupError:
-        pass
+def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to each process group at once (a run finishes its step and checkpoints), SIGKILL
+    to what is left after `grace` seconds."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 class PartTimeout(RuntimeError):
@@ -314,8 +322,7 @@ def wait_all(procs: list[subprocess.Popen], deadline: float, what: str) -> None:
     """Wait for every process; past `deadline` end them all (PartTimeout). A non-zero exit is PartFailed."""
     while any(p.poll() is None for p in procs):
         if time.monotonic() > deadline:
-            for p in procs:
-                stop(p)
+            stop(procs)
             raise PartTimeout(f"{what}: still running at the part's time limit; ended")
         time.sleep(0.5)
     bad = [p.returncode for p in procs if p.returncode != 0]
@@ -379,12 +386,15 @@ def learner_numbers(run_dir: Path, peak: float | None, sheet: float | None) -> d
     update = med(timed, "time/update_s")
     achieved = flops / update
     step = statistics.median(r["time/step_s"] - r.get("time/eval_s", 0.0) for r in timed)
-    gib = lambda k: max((r[k] for r in rows if k in r), default=float("nan"))  # noqa: E731
+    cuda = any("mem/update_peak_gib" in r for r in rows)  # else the CPU's peak resident memory
+    gib = lambda phase: max((r[f"mem/{phase}_peak{'' if cuda else '_rss'}_gib"] for r in rows  # noqa: E731
+                             if f"mem/{phase}_peak{'' if cuda else '_rss'}_gib" in r), default=float("nan"))
     return {"params_m": size.total / 1e6, "steps": len(rows), "timed": len(timed), "step_s": step,
             "rollout_s": med(timed, "time/rollout_s"), "logp_old_s": med(timed, "time/logp_old_s"),
             "update_s": update, "tokens": tokens, "learner_tokens": run_tokens, "tflops": achieved / 1e12,
             "mfu_measured": achieved / peak if peak else None, "mfu_sheet": achieved / sheet if sheet else None,
-            "peak_update_gib": gib("mem/update_peak_gib"), "peak_rollout_gib": gib("mem/rollout_peak_gib"),
+            "peak_update_gib": gib("update"), "peak_rollout_gib": gib("rollout"),
+            "mem_kind": "GPU memory allocated" if cuda else "process resident memory (CPU)",
             "micro_tokens": cfg.algorithm.max_tokens_per_micro_batch,
             "mini_batch_tokens": tokens / cfg.algorithm.num_mini_batches}
 
@@ -668,7 +678,7 @@ class Check:
             f"regime=occ, {d['prompts']} prompts x {d['group']} samples, {d['new_tokens']} new tokens each, "
             f"{d['mini']} optimiser steps per rollout, micro-batches of at most {d['micro']} tokens, "
             f"{n['params_m']:.1f} M parameters; median over steps 2..{n['steps']} (step 1 warms up); the final "
-            "evaluation's time is left out of the step time.", "",
+            f"evaluation's time is left out of the step time. Peak memory: {n['mem_kind']}.", "",
             "| step s | rollout s | logp_old s | update s | tokens / step | tokens / mini-batch | learner tokens | "
             "learner TFLOP/s | MFU (measured peak) | MFU (datasheet) | peak mem update GiB | peak mem rollout GiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -688,7 +698,8 @@ class Check:
         p.summary = (f"diagnosed update {n['update_diag_s']:.2f} s vs plain {n['update_plain_s']:.2f} s: "
                      f"x{n['ratio']:.2f}")
         p.details += [
-            f"One process (exact gradients need one whole mini-batch: no micro-batches, no torchrun), bf16 weights, "
+            f"One process (exact gradients need one whole mini-batch: no micro-batches, no torchrun), "
+            f"`model.dtype=auto` (bf16 weights on a GPU), "
             f"checkpointing and shared prompts on, {d['prompts']} prompts x {d['group']} samples x {d['new_tokens']} "
             f"new tokens, {d['mini']} mini-batches; `diagnostics.exact_every={every}`: diagnosed steps "
             f"{n['diag_steps']}, plain steps {n['plain_steps']} (step 1 warms up).", "",
@@ -696,7 +707,9 @@ class Check:
             "c | v2 | lambda* | cosine |", "|---|---|---|---|---|---|---|---|---|---|",
             f"| {n['update_diag_s']:.2f} | {n['update_plain_s']:.2f} | {n['ratio']:.2f} | {fmt(n['diag_time_s'])} | "
             f"{fmt(n['peak_diag_gib'])} | {fmt(n['peak_plain_gib'])} | {fmt(n['c'], '.3e')} | {fmt(n['v2'], '.3e')} | "
-            f"{fmt(n['lambda_star'], '.3e')} | {fmt(n['cosine'], '.3f')} |"]
+            f"{fmt(n['lambda_star'], '.3e')} | {fmt(n['cosine'], '.3f')} |", "",
+            "On random weights every reward is 0, so the RL gradient and c are 0; the diagnostics do the same work "
+            "(every per-loss gradient is taken), so the cost ratio is the real one."]
         self._clean("b")
 
     def part_c(self, p: Part) -> None:
@@ -729,7 +742,8 @@ class Check:
             f"torchrun FSDP2 with checkpointing, shared prompts and micro-batches, deterministic kernels "
             f"(`torch.use_deterministic_algorithms`, warn-only; `CUBLAS_WORKSPACE_CONFIG=:4096:8`). "
             f"Straight: {d['steps']} steps, saving at step {half}; resumed: a new run folder resumed from that "
-            f"checkpoint (`trainer.resume=<folder>`) to step {d['steps']}; control: a second straight run.", "",
+            f"checkpoint (`trainer.resume=<folder>`) to step {d['steps']}"
+            + ("; control: a second straight run, beside the first." if self.s.control else "."), "",
             "| comparison | metric rows (steps) | equal | tensors | equal | max abs diff | first differences |",
             "|---|---|---|---|---|---|---|"]
         for label, r in (("straight vs resumed", res), ("straight vs straight (control)", ctl)):
@@ -772,7 +786,7 @@ class Check:
                 out[k] = launch(c, self.log("d"), env)
             return out
 
-        n_max = self.s.tiny_max_steps
+        n_max = int(os.environ.get("GPU_CHECK_TINY_MAX_STEPS", self.s.tiny_max_steps))
         p.commands.append(shlex.join([*runs[next(iter(runs))], f"trainer.total_steps={n_max}"]) + "   # each regime x seed")
         t_launch = time.monotonic()
         procs = start(n_max)
@@ -801,12 +815,10 @@ class Check:
             restart = max(10.0, first_row_s[0] - min(x["step_s"] for x in prog)) + 5.0
             target = tiny_target(prog, end - time.monotonic() - 10.0, n_max, self._tiny_eval_every(root), restart)
             if target is not None:
-                for q in procs.values():
-                    stop(q, grace=120)  # SIGTERM: each finishes its step and checkpoints
+                stop(list(procs.values()), grace=120)  # each finishes its step and checkpoints
                 procs = start(target)
         unfinished = [k for k, q in procs.items() if q.poll() is None]
-        for k in unfinished:
-            stop(procs[k])
+        stop([procs[k] for k in unfinished])
         self._tiny_table(p, root, target or n_max, seeds, warm_s)
         failed = [k for k, q in procs.items() if k not in unfinished and q.returncode != 0]
         if failed:
@@ -886,13 +898,13 @@ class Check:
                 self.run_part(name, fn)
         # (d) runs beside (b) and (c): it needs wall time, they need no exclusive timings against it
         # ((b)'s ratio compares steps of one run; (c) compares bits)
-        tiny_end = self.end - 20.0
+        tiny_end = self.end - 40.0  # then its runs are stopped (10 s) and its table written
         th = threading.Thread(target=self.run_part, args=("d", lambda p: self.part_d(p, tiny_end)), daemon=True)
         th.start()
         for name, fn in (("b", self.part_b), ("c", self.part_c)):
             if self.parts[name].status == "not run":
                 self.run_part(name, fn)
-        th.join(max(0.0, self.end - time.monotonic()))
+        th.join(max(0.0, self.end - time.monotonic()) + 20.0)
         if th.is_alive():
             self.parts["d"].status, self.parts["d"].error = "timed out", "did not end by the budget"
         self.run_part("e", self.part_e)
