@@ -466,7 +466,9 @@ def tiny_target(progress: list[dict], remaining_s: float, n_max: int, eval_every
 
     if all(need(p, n_max, 0.0) <= remaining_s for p in progress):
         return None
-    n = max(p["step"] for p in progress) + 1  # a run resumed at its last step would skip the final evaluation
+    # a run finishes the step it is in before it stops, and one resumed at its last step would skip
+    # the final evaluation: two more than the furthest run
+    n = max(p["step"] for p in progress) + 2
     while n < n_max and all(need(p, n + 1, restart_s) <= remaining_s for p in progress):
         n += 1
     return n
@@ -798,7 +800,8 @@ class Check:
             if decided:
                 continue
             if any(q.poll() not in (None, 0) for q in procs.values()):
-                break  # a run failed: no re-planning, report what finished
+                decided = True  # a run failed: no re-planning; the others run on, the report says which
+                continue
             rows = {k: read_rows(root / k) for k in runs}
             if not first_row_s and all(rows.values()):
                 first_row_s.append(time.monotonic() - t_launch)  # start-up + step 1
