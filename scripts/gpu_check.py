@@ -275,6 +275,9 @@ def child_env(threads: int, extra: dict | None = None) -> dict:
     return env
 
 
+LAUNCHED: list[subprocess.Popen] = []  # every process the check started; none outlives it (see main)
+
+
 def launch(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
@@ -282,7 +285,9 @@ def launch(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
         f.flush()
         # its own process group: a time-out ends it with everything it started (torchrun's
         # workers, the verifier's forkserver)
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    LAUNCHED.append(p)
+    return p
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
@@ -961,7 +966,11 @@ def main(argv=None) -> int:
         sizes = TOY_SIZES if toy else GPU
         work = Path(os.environ.get("GPU_CHECK_DIR") or tempfile.mkdtemp(prefix="occ_gpu_check."))
         results = Path(os.environ.get("GPU_CHECK_RESULTS") or ROOT / "results")
-        return Check(sizes, results.resolve(), work.resolve()).run()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped check still ends what it started
+        try:
+            return Check(sizes, results.resolve(), work.resolve()).run()
+        finally:
+            stop(LAUNCHED, grace=5)
     return 0
 
 
