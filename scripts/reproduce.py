@@ -240,7 +240,7 @@ def table1(args) -> None:
         return plan([sweep], args)
     run_sweeps([sweep], args)
     runs = [r for r in load([sweep.folder]) if r.seed < args.seeds]
-    table = regime_table(runs, regime_label, TABLE1_REGIMES)
+    table = regime_table(runs, regime_label, TABLE1_REGIMES, n_boot=args.boot)
     paper = PAPER_TABLE1[PAPER_ROW]
     for row in table:
         row["paper"] = paper.get(row["label"])
@@ -285,12 +285,13 @@ def table2(args) -> None:
     runs = [r for r in load(folders) if r.seed < args.seeds and regime_label(r) in ["detach", *TABLE2_REGIMES]]
     order = ["detach"] + [f"{g} λ={v:g}" for g in ("policy", "ce") for v in FIXED_LAMBDAS] + \
             [f"occ λ={v:g}" for v in OCC_LAMBDA_PLUS]
-    table = regime_table(runs, cell_label, order)
+    table = regime_table(runs, cell_label, order, n_boot=args.boot)
     missing = missing_cells(runs, [c for sw in sweeps for c in sw.cells()], cell_label)
-    measured = measured_curves(runs, TABLE2_REGIMES)
+    measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot)
     # the prediction for occ_exact too (its diagnosed steps are in Table 1's runs), beside occ's
     theory_runs = runs + [r for r in load([sweeps[0].folder]) if r.seed < args.seeds and regime_label(r) == "occ_exact"]
-    predicted = {lab: predicted_curve([r for r in theory_runs if regime_label(r) == lab], THEORY_GRID, args.eta)
+    predicted = {lab: predicted_curve([r for r in theory_runs if regime_label(r) == lab], THEORY_GRID, args.eta,
+                                  n_boot=args.boot // 2)
                  for lab in [*TABLE2_REGIMES, "occ_exact"]}
     grids = {"policy": FIXED_LAMBDAS, "ce": FIXED_LAMBDAS, "occ": OCC_LAMBDA_PLUS}
     verdicts = {lab: theory_verdict(measured.get(lab, {}).get("accuracy"), predicted.get(lab), grids[lab])
@@ -343,7 +344,7 @@ def proxy(args) -> None:
         return plan(table2_sweeps(args) + [table1_sweep(args)], args)
     runs = [r for r in load(folders) if r.seed < args.seeds]
     obs = proxy_observations(runs)
-    rows = proxy_table(obs)
+    rows = proxy_table(obs, n_boot=min(args.boot, 500))
     per_mb = len({o["mb"] for o in obs}) > 1
     name = "proxy_tiny" + args.out_suffix
     fig = proxy_figure(rows, args.results / f"{name}.png", "The paper's proxy, the reference estimator and paper_in_clip "
@@ -479,6 +480,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="print runs x steps x s/step = wall time at --jobs, run nothing")
     ap.add_argument("--sec-per-step", type=float, default=None, help="--plan: seconds per RL step when no runs measured it")
     ap.add_argument("--eta", type=float, default=None, help="the theory's step size eta (default: from the runs' metrics)")
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals (default 2000)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a Hydra override for every run (repeatable; it changes the run folders' names)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
@@ -486,7 +488,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
     ap.add_argument("--launch", action="store_true", help="real scale: submit the runs (default: print the plan)")
     args = ap.parse_args(argv)
-    for key in ("jobs", "seeds", "steps"):
+    for key in ("jobs", "seeds", "steps", "boot"):
         v = getattr(args, key)
         if v is not None and v < 1:
             ap.error(f"--{key} must be >= 1, got {v}")

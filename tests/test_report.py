@@ -309,7 +309,8 @@ def test_reproduce_report_only_writes_every_results_file(tmp_path, capsys):
     rep = _reproduce()
     runs, res = tmp_path / "runs", tmp_path / "results"
     _write_sweeps(runs)
-    common = ["--steps", "20", "--seeds", "3", "--runs", str(runs), "--results", str(res), "--report-only"]
+    common = ["--steps", "20", "--seeds", "3", "--runs", str(runs), "--results", str(res), "--report-only",
+              "--boot", "200"]
     for what in ("table1", "table2", "proxy", "figure4", "findings"):
         assert rep.main([what, *common]) == 0
     names = sorted(p.name for p in res.iterdir() if p.is_file())

@@ -130,7 +130,7 @@ def group_finished(runs: list[Run], label_fn) -> dict[str, list[Run]]:
     return groups
 
 
-def regime_table(runs: list[Run], label_fn, order: list[str], reference: str = "detach") -> list[dict]:
+def regime_table(runs: list[Run], label_fn, order: list[str], reference: str = "detach", n_boot: int = 2000) -> list[dict]:
     """One row per label (in `order`): accuracy mean / std over seeds (in points), the difference
     to `reference` with its bootstrap interval, final acceptance, reward and lambda."""
     groups = group_finished(runs, label_fn)
@@ -150,7 +150,7 @@ def regime_table(runs: list[Run], label_fn, order: list[str], reference: str = "
             "lambda": _mean([r.last_mean("mtp/coef", n=10**9) for r in rs]),
         }
         if ref and label != reference:
-            d, lo, hi = bootstrap_diff({r.seed: r.correct for r in rs}, ref)
+            d, lo, hi = bootstrap_diff({r.seed: r.correct for r in rs}, ref, n_boot)
             row.update(diff=d * 100, diff_lo=lo * 100, diff_hi=hi * 100)
         table.append(row)
     return table
