@@ -131,15 +131,15 @@ class Sweep:
 
 
 def table1_sweep(args) -> Sweep:
-    return Sweep("table1" + args.run_suffix, TABLE1_REGIMES, args.seeds)
+    return Sweep("table1" + args.run_suffix, TABLE1_REGIMES, args.seeds1)
 
 
 def table2_sweeps(args) -> list[Sweep]:
     """Table 1's shared cells (run there, reused), the other fixed lambdas, the other lambda_plus."""
-    return [Sweep("table1" + args.run_suffix, ["detach", "policy", "ce", "occ"], args.seeds),
-            Sweep("table2" + args.run_suffix, ["policy", "ce"], args.seeds, "regime.coef",
+    return [Sweep("table1" + args.run_suffix, ["detach", "policy", "ce", "occ"], args.seeds2),
+            Sweep("table2" + args.run_suffix, ["policy", "ce"], args.seeds2, "regime.coef",
                   [v for v in FIXED_LAMBDAS if v != TABLE1_FIXED]),
-            Sweep("table2" + args.run_suffix, ["occ"], args.seeds, "regime.lambda_plus",
+            Sweep("table2" + args.run_suffix, ["occ"], args.seeds2, "regime.lambda_plus",
                   [v for v in OCC_LAMBDA_PLUS if v != TABLE1_LAMBDA_PLUS])]
 
 
@@ -226,9 +226,9 @@ def read_json(path: Path) -> dict | None:
     return back(json.loads(path.read_text())) if path.exists() else None
 
 
-def summary(args, name: str, **extra) -> dict:
+def summary(args, name: str, seeds: int, **extra) -> dict:
     return {"file": f"results/{name}", "command": args.command, "commit": git_commit(), "steps": args.steps,
-            "seeds": args.seeds, **extra}
+            "seeds": seeds, **extra}
 
 
 # -- Table 1 ------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def table1(args) -> None:
     if OPTS.plan:
         return plan([sweep], args)
     run_sweeps([sweep], args)
-    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds]
+    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds1]
     table = regime_table(runs, regime_label, TABLE1_REGIMES, n_boot=args.boot)
     paper = PAPER_TABLE1[PAPER_ROW]
     for row in table:
@@ -265,7 +265,7 @@ def table1(args) -> None:
             for k, v in PAPER_TABLE1.items()], ""]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
     write_csv(table, args.results / f"{name}.csv")
-    write_json(summary(args, f"{name}.md", rows=table, missing=missing, verdict=verdict, paper=paper),
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, verdict=verdict, paper=paper),
                args.results / f"{name}.json")
     if any(r.rows for r in runs):
         plot_dir(RUNS / sweep.folder, out=args.results / f"figures{args.out_suffix}", smooth=5)
@@ -282,14 +282,14 @@ def table2(args) -> None:
         return plan(sweeps, args)
     run_sweeps(sweeps, args)
     folders = [sw.folder for sw in sweeps]
-    runs = [r for r in load(folders) if r.seed < args.seeds and regime_label(r) in ["detach", *TABLE2_REGIMES]]
+    runs = [r for r in load(folders) if r.seed < args.seeds2 and regime_label(r) in ["detach", *TABLE2_REGIMES]]
     order = ["detach"] + [f"{g} λ={v:g}" for g in ("policy", "ce") for v in FIXED_LAMBDAS] + \
             [f"occ λ={v:g}" for v in OCC_LAMBDA_PLUS]
     table = regime_table(runs, cell_label, order, n_boot=args.boot)
     missing = missing_cells(runs, [c for sw in sweeps for c in sw.cells()], cell_label)
     measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot)
     # the prediction for occ_exact too (its diagnosed steps are in Table 1's runs), beside occ's
-    theory_runs = runs + [r for r in load([sweeps[0].folder]) if r.seed < args.seeds and regime_label(r) == "occ_exact"]
+    theory_runs = runs + [r for r in load([sweeps[0].folder]) if r.seed < args.seeds2 and regime_label(r) == "occ_exact"]
     predicted = {lab: predicted_curve([r for r in theory_runs if regime_label(r) == lab], THEORY_GRID, args.eta,
                                   n_boot=args.boot // 2)
                  for lab in [*TABLE2_REGIMES, "occ_exact"]}
@@ -328,7 +328,7 @@ def table2(args) -> None:
           *[f"- **{lab}**: {status}: {text}." for lab, (status, text) in verdicts.items()], ""]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
     write_csv(table, args.results / f"{name}.csv")
-    write_json(summary(args, f"{name}.md", rows=table, missing=missing, measured=measured, predicted=predicted,
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, measured=measured, predicted=predicted,
                        verdicts=verdicts), args.results / f"{name}.json")
     print("\n".join(md))
 
@@ -342,7 +342,7 @@ def proxy(args) -> None:
     folders = ["table1" + args.run_suffix, "table2" + args.run_suffix]
     if OPTS.plan:
         return plan(table2_sweeps(args) + [table1_sweep(args)], args)
-    runs = [r for r in load(folders) if r.seed < args.seeds]
+    runs = [r for r in load(folders) if r.seed < max(args.seeds1, args.seeds2)]
     obs = proxy_observations(runs)
     rows = proxy_table(obs, n_boot=min(args.boot, 500))
     per_mb = len({o["mb"] for o in obs}) > 1
@@ -361,7 +361,7 @@ def proxy(args) -> None:
     if fig:
         md += ["", f"![{fig.stem}]({fig.name})"]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
-    write_json(summary(args, f"{name}.md", rows=rows, per_mini_batch=per_mb, n_obs=len(obs)),
+    write_json(summary(args, f"{name}.md", max(args.seeds1, args.seeds2), rows=rows, per_mini_batch=per_mb, n_obs=len(obs)),
                args.results / f"{name}.json")
     print("\n".join(md))
 
@@ -371,7 +371,7 @@ def figure4(args) -> None:
     sweep = table1_sweep(args)
     if OPTS.plan:
         return plan([sweep], args)
-    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds and regime_label(r) in ("occ", "occ_exact")]
+    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds1 and regime_label(r) in ("occ", "occ_exact")]
     if not runs:
         raise SystemExit(f"no occ / occ_exact runs under {RUNS / sweep.folder}: run `reproduce.py table1` first")
     groups: dict[str, list] = {}
@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the ~5-minute version (12 steps, 1 seed: CI, first look)")
     ap.add_argument("--scale", default="tiny", choices=["tiny", "mimo7b", "glm"])
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (torch threads each: cores // jobs)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: table1 4, table2 3; quick: 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: Table 1's cells 4, Table 2's 3; quick: 1)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"RL steps per run (default {DEFAULT_STEPS}; quick: 12); another value gets a _<N>steps suffix")
     ap.add_argument("--out-suffix", default=None, help="suffix of the run folders and result names (default: from "
@@ -492,8 +492,9 @@ def main(argv=None) -> int:
         v = getattr(args, key)
         if v is not None and v < 1:
             ap.error(f"--{key} must be >= 1, got {v}")
-    if args.seeds is None:
-        args.seeds = 1 if args.quick else 3 if args.what == "table2" else 4
+    # seeds per cell: Table 1's (default 4) and Table 2's (default 3; its shared cells are Table 1's runs)
+    args.seeds1 = args.seeds or (1 if args.quick else 4)
+    args.seeds2 = args.seeds or (1 if args.quick else 3)
     if args.steps is None:
         args.steps = 12 if args.quick else DEFAULT_STEPS
     suffix = ("_quick" if args.quick else "") + (f"_{args.steps}steps" if args.steps != (12 if args.quick else DEFAULT_STEPS)

@@ -305,6 +305,7 @@ def _write_sweeps(runs_dir, seeds=3, steps=20):
             write_run(t2, regime="occ", seed=s, lambda_plus=lp, delta=0.0, c=1.0, v2=10.0, steps=steps)
 
 
+@pytest.mark.slow  # ~45 s on 2 loaded cores: the figures
 def test_reproduce_report_only_writes_every_results_file(tmp_path, capsys):
     rep = _reproduce()
     runs, res = tmp_path / "runs", tmp_path / "results"
