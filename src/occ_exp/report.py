@@ -688,6 +688,12 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                 lead += "; Δ accuracy by λ: " + ", ".join(f"{lam:g}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for lam, d, lo, hi
                                                           in zip(m["lams"], m["delta"], m["lo"], m["hi"]))
             out.append(lead + ".")
+        if any((p or {}).get("eta_source") == "taylor_eta" for p in t2["predicted"].values()):
+            out.append("- Caveat: η here is the Taylor check's SGD step (`diagnostics.taylor_eta`, default optimizer.lr), "
+                       "not AdamW's effective step along the gradient, which is what the training runs took; λ0 scales "
+                       "as 1/(Lη), so the prediction is only as good as η (the learner's `train/trunk_update_norm` gives "
+                       "the effective step; `--eta` sets it by hand). The theory is also about the raw gradient "
+                       "direction, while Adam preconditions it.")
         counts = {s: sum(1 for v in verdicts.values() if v[0] == s) for s in ("agree", "disagree", "untestable", "no data")}
         out += ["", "Summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", ""]
         if t2.get("missing"):
