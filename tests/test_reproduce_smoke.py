@@ -34,7 +34,6 @@ def test_reproduce_all_smallest_size_end_to_end(tmp_path):
     assert {"detach", "ce", "policy", "occ", "occ_exact"} <= labels
     evals = sorted((tmp_path / "runs").rglob("eval.json"))
     assert len(evals) >= 15
-    # every run of a table saw the same prompts at step 1 (paired seeds): one warm start, same data order
     # resuming: the second invocation trains nothing (every run is finished) and rebuilds the same tables
     before = {p: p.stat().st_mtime for p in evals}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
