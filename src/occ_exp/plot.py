@@ -187,19 +187,28 @@ def response_figure(measured: dict, predicted: dict, path: str | Path, title: st
         be = m["accuracy"].get("break_even")
         if be and np.isfinite(be):
             axes[0].axvline(be, color=colors[lab], ls=":", lw=1)
+    ticks = lams_all or sorted({x for p in predicted.values() if p for x in p["grid"][:: max(1, len(p["grid"]) // 5)]})
+    xmin, xmax = (min(ticks) / 1.5, max(ticks) * 1.5) if ticks else (None, None)
+    peak = []
     for lab, p in predicted.items():
         if not p or not p.get("gain"):
             continue
         x = np.array(p["grid"])
-        axes[1].plot(x, p["gain"], color=colors[lab], label=f"{lab} (Lη={p['L_eta']:.2g})")
-        axes[1].fill_between(x, p["gain_lo"], p["gain_hi"], color=colors[lab], alpha=0.15, lw=0)
-        if np.isfinite(p["lambda_0"]) and p["lambda_0"] > 0:
+        keep = (x >= xmin) & (x <= xmax) if ticks else np.ones(len(x), bool)
+        axes[1].plot(x[keep], np.array(p["gain"])[keep], color=colors[lab], label=f"{lab} (Lη={p['L_eta']:.2g})")
+        axes[1].fill_between(x[keep], np.array(p["gain_lo"])[keep], np.array(p["gain_hi"])[keep], color=colors[lab],
+                             alpha=0.15, lw=0)
+        peak.append(float(np.nanmax(np.abs(np.array(p["gain"])[keep]))) if keep.any() else 0.0)
+        if np.isfinite(p["lambda_0"]) and p["lambda_0"] > 0 and (not ticks or xmin <= p["lambda_0"] <= xmax):
             axes[1].axvline(p["lambda_0"], color=colors[lab], ls=":", lw=1)
-    ticks = lams_all or sorted({x for p in predicted.values() if p for x in p["grid"][:: max(1, len(p["grid"]) // 5)]})
+    if peak and max(peak) > 0:  # the gain grows as lambda^2 past lambda_0: a signed log axis keeps the small-lambda part visible
+        axes[1].set_yscale("symlog", linthresh=1e-3 * max(peak))
     for ax, t in zip(axes, ("accuracy − detach (points, 95% CI); dotted: measured break-even",
-                            "predicted per-step gain ηλ(1−Lη)c − Lη²λ²v2/2; dotted: λ0",
+                            "predicted per-step gain ηλ(1−Lη)c − Lη²λ²v2/2 (symlog); dotted: λ0",
                             "final head acceptance − detach (95% CI)")):
         _log_axis(ax, ticks)
+        if ticks:
+            ax.set_xlim(xmin, xmax)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("λ (fixed λ; λ_plus for occ)")
         if ax.get_legend_handles_labels()[0]:
