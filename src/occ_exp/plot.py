@@ -241,6 +241,7 @@ def proxy_figure(rows: list[dict], path: str | Path, title: str) -> Path:
                                 label=f"{e} ({'Spearman ρ' if key == 'rho' else 'sign agreement'})")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([g.split(" (")[0] for g in groups], fontsize=8)
+        ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.axhline(0.0, color="0.6", lw=0.7)
         ax.axhline(0.5, color="0.85", lw=0.7, ls=":")
         ax.set_xlabel("mini-batch index (1 = on-policy)" if by == "mini-batch" else "phase of training")
