@@ -169,7 +169,7 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
                 sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
                     *OPTS.overrides, f"trainer.threads={threads(args.jobs)}", "hydra/launcher=parallel",
                     f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
-                    "hydra.job.config.override_dirname.exclude_keys=[trainer.progress,hydra.launcher.n_jobs,trainer.threads]"],
+                    "hydra.job.config.override_dirname.exclude_keys=[trainer.progress,hydra.launcher.n_jobs,trainer.threads,paths.cache_dir]"],
                    env=env)
             finally:  # wall time over every invocation (a resumed sweep adds to it; finished runs cost seconds)
                 out.mkdir(parents=True, exist_ok=True)
