@@ -411,7 +411,7 @@ def _predict(parts: list[dict[str, np.ndarray]], eta: float) -> dict:
     L = float(cat["q"].sum() / den) if cat["q"].size and den != 0 else math.nan
     mc, mv = float(np.mean(cat["s"] * cat["c"])), float(np.mean(cat["s"] ** 2 * cat["v2"]))
     le = L * eta
-    if not math.isfinite(le):
+    if not math.isfinite(le) or (le <= 0 and mc == 0):  # no data, or a gain of 0 at every lambda
         lam0 = math.nan
     elif le <= 0 or mv <= 0:  # no curvature cost: the gain grows with lambda while c > 0
         lam0 = math.inf if mc > 0 else 0.0
