@@ -169,11 +169,18 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
                 sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
                     *OPTS.overrides, f"trainer.threads={threads(args.jobs)}", "hydra/launcher=parallel",
                     f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
-                    "hydra.job.config.override_dirname.exclude_keys=[trainer.progress,hydra.launcher.n_jobs,trainer.threads,paths.cache_dir]"],
+                    f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
                    env=env)
             finally:  # wall time over every invocation (a resumed sweep adds to it; finished runs cost seconds)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "wall.json").write_text(json.dumps({"seconds": run_seconds(out) + time.time() - t0}))
+
+
+def dirname_excluded() -> list[str]:
+    """Overrides left out of the run folders' names: the thread count and every --override (they
+    apply to every run of the invocation; --out-suffix keeps sweeps with other settings apart)."""
+    return ["trainer.progress", "hydra.launcher.n_jobs", "trainer.threads",
+            *dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for o in OPTS.overrides)]
 
 
 def run_seconds(out: Path) -> float:
@@ -484,7 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eta", type=float, default=None, help="the theory's step size eta (default: from the runs' metrics)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals (default 2000)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="a Hydra override for every run (repeatable; it changes the run folders' names)")
+                    help="a Hydra override for every run (repeatable; not part of the run folders' names: "
+                         "use --out-suffix for a sweep with other settings)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default outputs/reproduce/)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
