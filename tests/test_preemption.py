@@ -48,7 +48,8 @@ def test_verifier_workers_survive_a_sigterm_to_the_job():
 
     v = Verifier(num_workers=2, timeout_s=5.0)
     try:
-        assert v.score(["\\boxed{1/2}"], ["0.5"]).scores == [1.0]
+        assert v.score(["\\boxed{1/2}"], ["0.5"]).scores == [1.0]  # the fast path: workers may still start
+        assert v.wait_ready(120.0)  # a worker ignores SIGTERM once it has started
         pids = v.worker_pids()
         for pid in pids:
             os.kill(pid, signal.SIGTERM)

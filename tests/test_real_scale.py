@@ -60,7 +60,7 @@ def test_fresh_head_warms_up_on_either_kind_of_data(tmp_path, data):
     countdown task; the fresh layer moves and only it."""
     from occ_exp.builders import build_task
     from occ_exp.models.loading import load_pretrained
-    from occ_exp.models.warmstart import mtp_warmup
+    from occ_exp.warmstart import mtp_warmup
     from occ_exp.rollout.hf import HFRollout
     from tests.fixtures.checkpoints import make_plain_checkpoint, write_dapo_math
 

@@ -404,6 +404,17 @@ class WorkerPool:
                         self._replace(w)
         return run.results, len(run.retried)
 
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until every worker has warmed up and reported ready (True) or `timeout_s` passed
+        (False). A worker past its warm-up ignores SIGTERM; one still starting does not yet."""
+        end = time.monotonic() + timeout_s
+        run, pending = _Run(results={}, remaining=0), deque()
+        while (starting := [w for w in self._workers if w.state == _STARTING]) and time.monotonic() < end:
+            by_conn = {w.conn: w for w in starting}
+            for handle in _mp_wait(list(by_conn), timeout=max(0.0, min(1.0, end - time.monotonic()))):
+                self._drain(by_conn[handle], run, pending)
+        return all(w.state != _STARTING for w in self._workers)
+
     def _start_item(self, w: _Worker, now: float) -> None:
         w.item_wall0, w.item_cpu0 = now, w.cpu
         w.deadline = now + self.timeout_s  # CPU time cannot outrun the wall clock

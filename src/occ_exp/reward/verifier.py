@@ -210,6 +210,10 @@ class Verifier:
         """PIDs of the current worker processes (for monitoring and tests)."""
         return self.pool.worker_pids()
 
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Every worker warmed up (see WorkerPool.wait_ready)."""
+        return self.pool.wait_ready(timeout_s)
+
     def close(self) -> None:
         """Stop all workers (see :meth:`WorkerPool.close`).  Idempotent."""
         if getattr(self, "_closed", True):
