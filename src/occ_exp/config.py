@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -83,6 +83,9 @@ class RegimeConfig:
     lambda_plus: float = 1.0  # occ: lambda_t = lambda_plus * c_hat / (v2_hat + eps)
     eps: float = 1e-8
     estimator: str = "paper"  # occ estimator variant (see occ_exp.algo.coefficient)
+    # policy / occ: lambda multiplies the MTP policy LOSS (the paper's equation) or the ADVANTAGES
+    # fed to it (the reference code); they differ for lambda < 0 (docs/fidelity.md)
+    lambda_apply: str = "loss"
     ema: float = 0.0  # occ: EMA smoothing of lambda_t (0 = off, the paper)
     clip: Optional[float] = None  # occ: clip |lambda_t| (null = off, the paper)
     head_ce: float = 0.0  # add detached head CE on top (keeps heads alive under occ/policy)
@@ -97,16 +100,25 @@ class AlgorithmConfig:
     group_size: int = 16  # G samples per prompt
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: Optional[float] = None  # verl's dual-clip: A < 0 tokens' loss capped at -A * clip_ratio_c (null = off)
     adv_eps: float = 1e-6
     num_mini_batches: int = 4  # optimiser steps per rollout batch
     ppo_epochs: int = 1
     recompute_logp_old: bool = True  # learner forward for logp_old (else the sampler's log-probs)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # DAPO's dynamic sampling: generate in batches of data.gen_batch_size prompts, keep the groups
+    # whose `filter_metric` varies (std > 0), until data.prompts_per_step groups are kept or
+    # max_num_gen_batches batches were generated (then train on what was kept)
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 10
+    filter_metric: str = "acc"  # acc: the verifier's score | score: the shaped reward the advantages see
     overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
     overlong_penalty: float = 1.0
     # Dynamic micro-batches: at most this many padded tokens (rows x longest row) per forward /
     # backward, gradients accumulated over the mini-batch's micro-batches (0 = one per mini-batch).
     max_tokens_per_micro_batch: int = 0
+    # The learner divides logits by this temperature (logp_old, logp_main, logp_mtp, entropy,
+    # acceptance), as the sampler does; it must equal rollout.temperature.
+    temperature: float = II("rollout.temperature")
 
 
 @dataclass
@@ -124,6 +136,7 @@ class OptimizerConfig:
 class DataConfig:
     name: str = "tiny"
     prompts_per_step: int = 16
+    gen_batch_size: Optional[int] = None  # prompts per generation batch under dynamic sampling (null = prompts_per_step)
     # Procedural countdown task (data=tiny)
     num_numbers: int = 3
     max_number: int = 15
@@ -187,6 +200,13 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How the verifier's score becomes the training reward (evaluation always scores 1 / 0)."""
+
+    scale: str = "binary"  # binary: 1 correct / 0 not | signed: +1 / -1 (verl's DAPO reward manager)
+
+
+@dataclass
 class LoggerConfig:
     name: str = "jsonl"  # jsonl | wandb | none
     project: str = "occ-exp"
@@ -219,6 +239,9 @@ class TrainerConfig:
     threads: int = 0  # torch CPU threads (0 = all cores)
     dry_run: bool = False
     progress: bool = True
+    # Sequences per micro-batch on each rank (0 = by algorithm.max_tokens_per_micro_batch); must
+    # divide the rank's share of a mini-batch. regime.estimator=reference_code estimates lambda on each.
+    micro_batch_size: int = 0
 
 
 @dataclass
@@ -251,6 +274,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -400,6 +424,44 @@ def validate(cfg: DictConfig | Config) -> None:
              "algorithm.max_tokens_per_micro_batch=0 and run without torchrun (or use estimator=paper)")
     _require(r.head_ce == 0 or REGIMES[r.name].train_heads, "regime.head_ce",
              f"regime={r.name} does not train the MTP heads; set regime.head_ce=0 or pick another regime")
+    _validate_fidelity(c, REGIMES, world_size_from_env() or 1)
+
+
+def _validate_fidelity(c, regimes, world: int) -> None:
+    """lambda's application, dual-clip, dynamic sampling, micro-batches, temperatures, reward scale."""
+    r, a, d, t, ro = c.regime, c.algorithm, c.data, c.trainer, c.rollout
+    _require(r.lambda_apply in ("loss", "advantage"), "regime.lambda_apply",
+             f"choose loss or advantage; got {r.lambda_apply!r}")
+    if r.lambda_apply == "advantage":
+        _require(regimes[r.name].policy_term, "regime.lambda_apply",
+                 f"advantage scales the advantages of the MTP policy loss; regime={r.name} has none (use policy or occ, "
+                 "or lambda_apply=loss)")
+        _require(r.estimator != "exact" and c.diagnostics.exact_every == 0, "regime.lambda_apply",
+                 "the exact gradients (estimator=exact, diagnostics.exact_every) need lambda_apply=loss")
+    _require(a.clip_ratio_c is None or (_finite(a.clip_ratio_c) and a.clip_ratio_c > 1), "algorithm.clip_ratio_c",
+             f"must be null (off) or > 1 (the dual-clip bound of the ratio for negative advantages), got {a.clip_ratio_c}")
+    _require(a.max_num_gen_batches >= 1, "algorithm.max_num_gen_batches",
+             f"must be >= 1 (generation batches per step under dynamic sampling), got {a.max_num_gen_batches}")
+    _require(a.filter_metric in ("acc", "score"), "algorithm.filter_metric", f"choose acc or score; got {a.filter_metric!r}")
+    if d.gen_batch_size is not None:
+        _require(d.gen_batch_size >= d.prompts_per_step, "data.gen_batch_size",
+                 f"must be >= data.prompts_per_step={d.prompts_per_step} (or null), got {d.gen_batch_size}")
+        _require(d.gen_batch_size % world == 0, "data.gen_batch_size",
+                 f"{d.gen_batch_size} prompts do not split over {world} ranks; use a multiple of {world}")
+    _require(t.micro_batch_size >= 0, "trainer.micro_batch_size", f"must be >= 0 (0 = off), got {t.micro_batch_size}")
+    if t.micro_batch_size:
+        rows = d.prompts_per_step * a.group_size // a.num_mini_batches // world
+        _require(rows % t.micro_batch_size == 0, "trainer.micro_batch_size",
+                 f"{t.micro_batch_size} does not divide a mini-batch's {rows} sequences per rank; choose a divisor")
+        _require(a.max_tokens_per_micro_batch == 0, "trainer.micro_batch_size",
+                 "micro-batches by count and by tokens exclude each other; set algorithm.max_tokens_per_micro_batch=0")
+    _require(_finite(a.temperature) and a.temperature == ro.temperature, "algorithm.temperature",
+             f"the learner's temperature {a.temperature} differs from the sampler's rollout.temperature={ro.temperature}; "
+             "every ratio would be off: leave algorithm.temperature unset (it follows rollout.temperature)")
+    _require(not (ro.name == "vllm" and ro.temperature != 1 and ro.logprobs_mode == "raw_logprobs"),
+             "rollout.logprobs_mode", f"raw_logprobs are at temperature 1, the learner's at rollout.temperature="
+             f"{ro.temperature}; set rollout.logprobs_mode=processed_logprobs")
+    _require(c.reward.scale in ("binary", "signed"), "reward.scale", f"choose binary or signed; got {c.reward.scale!r}")
 
 
 def _validate_distributed(c) -> None:
