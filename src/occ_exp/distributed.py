@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from occ_exp.rollout.base import RolloutBatch
+from occ_exp.rollout.base import RolloutBatch, pad_batch  # noqa: F401 (pad_batch: also used as D.pad_batch)
 
 
 @dataclass
@@ -143,23 +143,6 @@ class Dist:
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():
             tdist.destroy_process_group()
-
-
-def pad_batch(batch: RolloutBatch, P: int, R: int) -> RolloutBatch:
-    """The same rows with the prompt left-padded to width P and the response right-padded to R."""
-    dp, dr = P - batch.prompt_len, R - batch.response_len
-    if dp == 0 and dr == 0:
-        return batch._replace()
-    if dp < 0 or dr < 0:
-        raise ValueError(f"cannot pad a batch of widths ({batch.prompt_len}, {batch.response_len}) to ({P}, {R})")
-    pad = torch.nn.functional.pad
-    pad_id = int(batch.input_ids[~batch.attention_mask.bool()][0]) if (~batch.attention_mask.bool()).any() else 0
-    kw = {"input_ids": pad(batch.input_ids, (dp, dr), value=pad_id),
-          "attention_mask": pad(batch.attention_mask, (dp, dr), value=0), "prompt_len": P}
-    for n in ("response_mask", "logp_sampler", "logp_old"):
-        v = getattr(batch, n)
-        kw[n] = pad(v, (0, dr), value=False if v.dtype == torch.bool else 0) if v is not None else None
-    return batch._replace(**kw)
 
 
 # -- initialisation ---------------------------------------------------------------------------------

@@ -73,6 +73,41 @@ class RolloutBatch:
         return self
 
 
+def pad_batch(batch: RolloutBatch, P: int, R: int) -> RolloutBatch:
+    """The same rows with the prompt left-padded to width P and the response right-padded to R."""
+    dp, dr = P - batch.prompt_len, R - batch.response_len
+    if dp == 0 and dr == 0:
+        return batch._replace()
+    if dp < 0 or dr < 0:
+        raise ValueError(f"cannot pad a batch of widths ({batch.prompt_len}, {batch.response_len}) to ({P}, {R})")
+    pad = torch.nn.functional.pad
+    pad_id = int(batch.input_ids[~batch.attention_mask.bool()][0]) if (~batch.attention_mask.bool()).any() else 0
+    kw = {"input_ids": pad(batch.input_ids, (dp, dr), value=pad_id),
+          "attention_mask": pad(batch.attention_mask, (dp, dr), value=0), "prompt_len": P}
+    for n in ("response_mask", "logp_sampler", "logp_old"):
+        v = getattr(batch, n)
+        kw[n] = pad(v, (0, dr), value=False if v.dtype == torch.bool else 0) if v is not None else None
+    return batch._replace(**kw)
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of several batches in order, prompts left-padded and responses right-padded to the
+    widest; `prompt_index` renumbered so each part's prompts follow the previous part's; the last
+    part's engine stats."""
+    if len(batches) == 1:
+        return batches[0]
+    P, R = max(b.prompt_len for b in batches), max(b.response_len for b in batches)
+    parts = [pad_batch(b, P, R) for b in batches]
+    offset, index = 0, []
+    for b in parts:
+        index.append(b.prompt_index + offset)
+        offset += int(b.prompt_index.max()) + 1 if b.prompt_index.numel() else 0
+    rows = {n: (torch.cat([getattr(b, n) for b in parts]) if getattr(parts[0], n) is not None else None)
+            for n in RolloutBatch._ROWS if n != "prompt_index"}
+    return RolloutBatch(prompt_len=P, texts=[t for b in parts for t in b.texts], stats=dict(batches[-1].stats),
+                        prompt_index=torch.cat(index), **rows)
+
+
 class Rollout(Protocol):
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> RolloutBatch: ...
 
