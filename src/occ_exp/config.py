@@ -146,7 +146,6 @@ class DataConfig:
     # File-backed data sets (e.g. data=dapo_math)
     path: Optional[str] = None
     prompt_template: str = "{problem}"
-    seed: int = 0
 
 
 @dataclass
