@@ -11,7 +11,7 @@ from occ_exp.algo.regimes import MTPContext, get_regime, mtp_term
 from occ_exp.models.policy import PolicyOutput
 from occ_exp.reward.rewards import scale_reward
 from occ_exp.rollout.base import RolloutBatch, concat_batches
-from occ_exp.rollout.dynamic_sampling import GroupFilter, informative_groups
+from occ_exp.rollout.dynamic_sampling import GroupFilter, NoInformativeGroups, group_multiple, informative_groups
 from tests.conftest import compose_cfg
 
 
@@ -196,7 +196,11 @@ def test_group_filter_at_the_cap_trains_on_what_was_kept():
     assert f.metrics()["rollout/kept_groups"] == 2.0 and f.metrics()["rollout/gen_cap_hit"] == 1.0
     empty = GroupFilter(target=4, group_size=G, max_batches=1, multiple=2)
     empty.add(_gen_batch(4, G), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
-    assert empty.result() is None and empty.metrics()["rollout/kept_groups"] == 0.0  # 1 group, rounded to 0
+    assert empty.metrics()["rollout/kept_groups"] == 0.0  # 1 group, rounded down to 0
+    with pytest.raises(NoInformativeGroups, match="algorithm.max_num_gen_batches"):
+        empty.result()
+    # whole groups per mini-batch, rows even over ranks: 4 mini-batches, G=16, 32 ranks -> steps of 8 groups
+    assert group_multiple(4, 16, 32) == 8 and group_multiple(2, 4, 1) == 2 and group_multiple(4, 6, 4) == 8
 
 
 def test_concat_batches_keeps_the_policy_outputs(tiny_policy):

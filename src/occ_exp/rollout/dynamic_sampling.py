@@ -16,7 +16,8 @@ such groups and keeps generating (verl's recipe/dapo: `algorithm.filter_groups.e
 (the shaped reward the advantages see: scale and overlong penalty included). When
 `max_num_gen_batches` batches still hold fewer than `target` informative groups, the step trains
 on those kept (rounded down to a multiple of `multiple`, so that mini-batches and ranks still
-split whole groups evenly; none left: the step has no update) and `rollout/gen_cap_hit` says so.
+split whole groups evenly) and `rollout/gen_cap_hit` says so; when that leaves none, `result`
+raises NoInformativeGroups, as verl stops (the data are all too easy or too hard for the policy).
 
 The filter holds no state between steps, so a checkpoint needs nothing from it: the prompt
 stream's position (advanced by every generation batch) and the RNGs make a resumed run draw the
@@ -28,7 +29,13 @@ from __future__ import annotations
 
 import torch
 
+import math
+
 from occ_exp.rollout.base import RolloutBatch, concat_batches
+
+
+class NoInformativeGroups(RuntimeError):
+    """Dynamic sampling kept too few informative groups to train on within its generation cap."""
 
 
 def informative_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -69,12 +76,16 @@ class GroupFilter:
     def cap_hit(self) -> bool:
         return self.kept < self.target
 
-    def result(self) -> RolloutBatch | None:
+    def result(self) -> RolloutBatch:
         """The first `target` kept groups (or, at the cap, the kept ones rounded down to a
-        multiple of `multiple`); None when that leaves no group."""
+        multiple of `multiple`); NoInformativeGroups when that leaves none."""
         n = self.target if not self.cap_hit else self.kept // self.multiple * self.multiple
         if n == 0:
-            return None
+            raise NoInformativeGroups(
+                f"dynamic sampling kept {self.kept} informative group(s) (need a multiple of {self.multiple}) in "
+                f"{self.batches} generation batches of {self.generated // max(self.batches, 1)} prompts: every other "
+                "group's rewards were all equal. Raise algorithm.max_num_gen_batches or data.gen_batch_size, or check "
+                "that the data suit the policy")
         batch = concat_batches(self.parts)
         return batch.select(torch.arange(n * self.group_size, device=batch.input_ids.device))
 
@@ -83,3 +94,9 @@ class GroupFilter:
         return {"rollout/kept_groups": float(trained), "rollout/gen_batches": float(self.batches),
                 "rollout/filtered_share": 1.0 - self.kept / max(self.generated, 1),
                 "rollout/gen_cap_hit": float(self.cap_hit)}
+
+
+def group_multiple(num_mini_batches: int, group_size: int, world_size: int) -> int:
+    """The smallest group count step that splits into `num_mini_batches` mini-batches of whole
+    groups whose rows split evenly over `world_size` ranks."""
+    return num_mini_batches * (world_size // math.gcd(group_size, world_size))
