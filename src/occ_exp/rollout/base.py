@@ -2,7 +2,9 @@
 
 Every engine (rollout=hf, rollout=vllm, ...) returns a `RolloutBatch` in the learner's layout
 (left-padded prompts of width P, right-padded responses of width R), so swapping engines touches
-no other file. `ROLLOUTS` maps `rollout.name` to a factory. Engines read their sampling settings
+no other file. Every engine subclasses `Rollout`, the one interface the trainer and the evaluator
+use (no probing for optional methods: the defaults are no-ops). `ROLLOUTS` maps `rollout.name` to
+a factory; occ_exp.rollout.build_rollout picks one. Engines read their sampling settings
 (temperature, top_p, max_new_tokens) from `self.cfg` at each `generate` call, so `sampling(...)`
 can change them for a while (evaluation samples at its own settings)."""
 
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
+
+from occ_exp.distributed import pad_batch
 
 
 @dataclass
@@ -73,23 +78,6 @@ class RolloutBatch:
         return self
 
 
-def pad_batch(batch: RolloutBatch, P: int, R: int) -> RolloutBatch:
-    """The same rows with the prompt left-padded to width P and the response right-padded to R."""
-    dp, dr = P - batch.prompt_len, R - batch.response_len
-    if dp == 0 and dr == 0:
-        return batch._replace()
-    if dp < 0 or dr < 0:
-        raise ValueError(f"cannot pad a batch of widths ({batch.prompt_len}, {batch.response_len}) to ({P}, {R})")
-    pad = torch.nn.functional.pad
-    pad_id = int(batch.input_ids[~batch.attention_mask.bool()][0]) if (~batch.attention_mask.bool()).any() else 0
-    kw = {"input_ids": pad(batch.input_ids, (dp, dr), value=pad_id),
-          "attention_mask": pad(batch.attention_mask, (dp, dr), value=0), "prompt_len": P}
-    for n in ("response_mask", "logp_sampler", "logp_old"):
-        v = getattr(batch, n)
-        kw[n] = pad(v, (0, dr), value=False if v.dtype == torch.bool else 0) if v is not None else None
-    return batch._replace(**kw)
-
-
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
     """Rows of several batches in order, prompts left-padded and responses right-padded to the
     widest; `prompt_index` renumbered so each part's prompts follow the previous part's; the last
@@ -108,12 +96,30 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
                         prompt_index=torch.cat(index), **rows)
 
 
-class Rollout(Protocol):
-    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> RolloutBatch: ...
+class Rollout:
+    """What callers use of a rollout engine; engines subclass it and override what they need."""
 
-    def sync_weights(self) -> None: ...
+    cfg: object  # the rollout config; temperature, top_p, max_new_tokens are read at each generate
+    # True: generate runs the learner's own module (an FSDP2 learner gathers its weights first)
+    shares_learner_weights: bool = False
 
-    def close(self) -> None: ...
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> RolloutBatch:
+        """n samples for each prompt, in the learner's layout, with the sampler's log-probs."""
+        raise NotImplementedError
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the learner's current weights (no-op where it shares them)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry to resume the engine exactly (e.g. its own RNG); {} if nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def close(self) -> None:
+        """Release the engine's resources (processes, memory, temporary folders)."""
 
 
 ROLLOUTS: dict[str, Callable[..., Rollout]] = {}
@@ -131,25 +137,12 @@ def register_rollout(name: str):
 def sampling(rollout, **overrides):
     """Within the block, `rollout` samples with `overrides` (e.g. temperature=0.6, max_new_tokens=...)
     on top of its config; the config is restored afterwards."""
-    from omegaconf import OmegaConf
-
     old = rollout.cfg
     rollout.cfg = OmegaConf.merge(old, overrides)
     try:
         yield rollout
     finally:
         rollout.cfg = old
-
-
-def build_rollout(cfg, policy, tokenizer, device) -> Rollout:
-    # Engines register on import; importing here keeps optional engines (vLLM) optional.
-    from occ_exp.rollout import hf  # noqa: F401
-
-    if cfg.name == "vllm":
-        from occ_exp.rollout import vllm  # noqa: F401
-    if cfg.name not in ROLLOUTS:
-        raise ValueError(f"rollout={cfg.name!r} is not available; choose one of {sorted(ROLLOUTS)}")
-    return ROLLOUTS[cfg.name](cfg, policy, tokenizer, device)
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
