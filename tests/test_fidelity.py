@@ -2,6 +2,8 @@
 against a line-by-line port of its loss function, lambda on the loss vs on the advantages, DAPO's
 dynamic sampling, the reward scale and the learner's temperature."""
 
+import math
+
 import pytest
 import torch
 
@@ -250,3 +252,61 @@ def test_learner_divides_every_heads_logits_by_the_temperature(tiny_policy):
     want_mtp = (cold.logits_mtp[0] / 0.7).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     torch.testing.assert_close(warm.logp_mtp[0], want_mtp)
     assert compose_cfg(["rollout.temperature=0.7"]).algorithm.temperature == 0.7  # follows the sampler
+
+
+# -- the learner: learning-rate schedule, per-micro-batch lambda ---------------------------------------
+def _learner_setup(policy, tok, overrides):
+    from occ_exp.rollout.hf import HFRollout
+
+    cfg = compose_cfg(["experiment=smoke", *overrides])
+    torch.manual_seed(0)
+    batch = HFRollout(cfg.rollout, policy, tok, "cpu").generate(
+        ["12 3 4 5 -> 17", "1 2 3 4 -> 10", "9 9 2 1 -> 20", "5 5 5 5 -> 25"], 4, max_new_tokens=8)
+    batch.rewards = torch.zeros(16)
+    batch.advantages = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    batch.logp_old = batch.logp_sampler
+    return cfg, batch
+
+
+def test_warm_up_counts_rl_steps_not_mini_batches(tiny_policy):
+    """optimizer.warmup_steps=10 with 4 mini-batches per RL step: the peak lr is reached at RL step
+    10 (verl steps its scheduler once per RL step), not at step 3."""
+    from occ_exp.learner import build_optimizer, learner_update
+
+    policy, tok = tiny_policy
+    cfg, batch = _learner_setup(policy, tok, ["regime=detach", "algorithm.num_mini_batches=4", "optimizer.warmup_steps=10",
+                                              "optimizer.lr=1e-3"])
+    regime = get_regime("detach")
+    opt, sched = build_optimizer(cfg.optimizer, policy, regime)
+    gen = torch.Generator().manual_seed(0)
+    lrs = []
+    for step in range(1, 12):
+        m = learner_update(policy, opt, sched, regime, batch, cfg, [CoefficientState()] * 2, gen, step=step)
+        lrs.append(m["train/lr"])
+    assert lrs[:10] == pytest.approx([1e-3 * k / 10 for k in range(1, 11)])  # the lr each RL step trained at
+    assert lrs[8] < 1e-3 and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+
+
+def test_reference_code_estimates_lambda_on_each_micro_batch(tiny_policy, monkeypatch):
+    """estimator=reference_code with trainer.micro_batch_size: one lambda per micro-batch, each from
+    that micro-batch alone (padded to rollout.max_new_tokens), none from the whole mini-batch."""
+    import occ_exp.algo.coefficient as C
+    from occ_exp.learner import build_optimizer, learner_update
+
+    policy, tok = tiny_policy
+    cfg, batch = _learner_setup(policy, tok, ["regime=occ_reference", "trainer.micro_batch_size=2"])
+    seen = []
+    real = C.ESTIMATORS["reference_code"]
+
+    def spy(main, mtp, old, mask, *args, **kw):
+        seen.append((main.shape[0], kw["pad_to"]))
+        return real(main, mtp, old, mask, *args, **kw)
+
+    monkeypatch.setitem(C.ESTIMATORS, "reference_code", spy)
+    regime = get_regime("occ")
+    opt, sched = build_optimizer(cfg.optimizer, policy, regime)
+    m = learner_update(policy, opt, sched, regime, batch, cfg, [CoefficientState() for _ in range(2)],
+                       torch.Generator().manual_seed(0), step=1)
+    # 16 rows, 2 mini-batches of 8, micro-batches of 2 rows: 4 per mini-batch, K=2 heads each
+    assert seen == [(2, cfg.rollout.max_new_tokens)] * (2 * 4 * 2)
+    assert m["mtp/coef"] != 0 and math.isfinite(m["mtp/coef"])

