@@ -296,3 +296,41 @@ def test_two_steps_with_the_real_switches_and_a_save(source, tmp_path):
     if source == "mimo":
         assert raw["auto_map"] and (saved / "modeling_mimo.py").is_file()
     assert load_pretrained(saved).loaded_mtp_layers == [0]
+
+
+def test_a_bf16_source_trained_in_float32_resumes_its_float32_weights_exactly(tmp_path):
+    """The checkpoint's model folder keeps a bf16 source's dtype (what serving reads), but a run
+    trains float32 weights: resume must get those back bit for bit, not their bf16 rounding."""
+    from functools import partial
+
+    from occ_exp import builders
+    from occ_exp.algo.coefficient import CoefficientState
+    from occ_exp.algo.regimes import get_regime
+    from occ_exp.checkpoint import save_checkpoint
+    from occ_exp.data.prompts import PromptStream
+    from occ_exp.learner import NonFiniteGuard, build_optimizer
+    from occ_exp.models.loading import load_pretrained, save_policy
+    from occ_exp.rollout.base import Rollout
+    from tests.fixtures.checkpoints import make_mimo_checkpoint
+
+    src = make_mimo_checkpoint(tmp_path / "mimo")
+    cfg = compose_cfg()
+
+    def objects():
+        m = load_pretrained(src, dtype=torch.float32)
+        opt, sched = build_optimizer(cfg.optimizer, m.policy, get_regime("occ"))
+        return m, opt, sched, [CoefficientState(None, None)], PromptStream([], 0), torch.Generator()
+
+    m, opt, sched, coefs, prompts, gen = objects()
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # float32 values no bf16 number equals
+    state = builders.capture_state(3, m.policy, opt, sched, coefs, prompts, gen, D.Dist(), NonFiniteGuard(8), Rollout())
+    ckpt = save_checkpoint(tmp_path / "run", 3, partial(save_policy, m.policy, m.tokenizer), state, "{}", 2)
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(ckpt / "model").values())  # the folder: source dtype
+    m2, opt2, sched2, coefs2, prompts2, gen2 = objects()
+    builders.resume_from(ckpt, m2.policy, opt2, sched2, coefs2, prompts2, gen2, torch.device("cpu"))
+    after, before = m2.policy.state_dict(), m.policy.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k

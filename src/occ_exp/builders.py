@@ -15,7 +15,7 @@ from occ_exp.config import ConfigError
 from occ_exp.data.benchmarks import MathDataset
 from occ_exp.data.tasks import CountdownTask
 from occ_exp.models.loading import (CheckpointError, build_tiny_policy, check_tokenizer, load_policy_folder,
-                                    load_pretrained, resolve_dtype)
+                                    load_pretrained, resolve_dtype, save_dtype)
 from occ_exp.reward.rewards import build_reward
 from occ_exp.runtime import rng_state, set_rng_state
 from occ_exp.warmstart import warm_start
@@ -71,7 +71,7 @@ def build(cfg, device: torch.device, log=print, with_warm_start: bool = True) ->
 
 
 def capture_state(step: int, policy, optimizer, scheduler, coef_states, prompts, gen, dist, guard, rollout,
-                  wandb_id: str | None = None) -> TrainState:
+                  wandb_id: str | None = None, full_model_state_dict: dict | None = None) -> TrainState:
     """The run's state after `step` (the weights are written apart, by the model writer). Under
     FSDP2 the optimizer state and every rank's RNGs are gathered: every rank calls this."""
     return TrainState(
@@ -79,7 +79,18 @@ def capture_state(step: int, policy, optimizer, scheduler, coef_states, prompts,
         rng=rng_state(), generator=gen.get_state(), prompts=prompts.state_dict(),
         coef_states=[c.state_dict() for c in coef_states], guard=guard.state_dict(), rollout=rollout.state_dict(),
         rng_per_rank=D.rng_per_rank(dist), wandb_id=wandb_id,
+        master_weights=master_weights(policy, full_model_state_dict) if dist.is_main else None,
     )
+
+
+def master_weights(policy, full_state_dict: dict | None) -> dict | None:
+    """The trained weights of `policy.lm` that its saved model folder would round (it is written in
+    the source checkpoint's dtype, e.g. bf16, while the run trains float32), else None.
+    `full_state_dict`: the gathered weights under FSDP2 (rank 0), None in one process."""
+    sd = full_state_dict if full_state_dict is not None else policy.lm.state_dict()
+    saved = save_dtype(policy)
+    kept = {k: v.detach().cpu().clone() for k, v in sd.items() if v.is_floating_point() and v.dtype != saved}
+    return kept or None
 
 
 def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None, guard=None,
@@ -94,11 +105,13 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
         lm_sd = None
         if dist.is_main:
             loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config)
-            lm_sd = loaded.lm.state_dict()
+            lm_sd = {**loaded.lm.state_dict(), **(state.master_weights or {})}
         D.load_full_model_state_dict(policy, lm_sd, dist)
     else:
         loaded, _ = load_policy_folder(ckpt / "model", expected_config=policy.config, device=device)
         policy.load_state_dict(loaded.state_dict())
+        if state.master_weights:
+            policy.lm.load_state_dict(state.master_weights, strict=False)
     try:
         D.load_optimizer_state_dict(policy, optimizer, state.optimizer, dist)
     except (ValueError, KeyError) as e:

@@ -55,6 +55,9 @@ class TrainState:
     rollout: dict | None = None  # the rollout engine's own state (Rollout.state_dict)
     rng_per_rank: list[dict] | None = None  # every rank's RNGs (sharded runs only)
     wandb_id: str | None = None  # the W&B run this run logs to
+    # the trained weights (of policy.lm) when the model folder holds them rounded: a bf16 source
+    # trained in float32 is saved in bf16 (what serving reads) and resumes from these
+    master_weights: dict | None = None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

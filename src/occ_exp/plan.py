@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from occ_exp.builders import build_task
 from occ_exp.config import ConfigError
+from occ_exp.data.benchmarks import TINY_HELD_OUT
 from occ_exp.distributed import world_size_from_env
 from occ_exp.models.policy import MTPPolicy
 from occ_exp.models.tiny import build_tokenizer, tiny_config
@@ -200,8 +201,6 @@ def fewest_gpus(cfg, size: ModelSize, card_bytes: float = CARD_GIB * GiB, most: 
 
 
 def _eval_problems(cfg, limit: int) -> int:
-    from occ_exp.data.benchmarks import TINY_HELD_OUT
-
     sizes = [TINY_HELD_OUT if n == "tiny" else BENCHMARK_SIZES.get(n, 500) for n in cfg.benchmark.names]
     return sum(min(n, limit) if limit else n for n in sizes)
 
@@ -235,10 +234,6 @@ def check_resources(cfg, gpus: int | None = None, card_bytes: float | None = Non
     `gpus` (this job's world size) and `card_bytes` default to what this process sees."""
     if cfg.trainer.device == "cpu" or cfg.model.path is None:
         return None
-    import torch
-
-    from occ_exp.distributed import world_size_from_env
-
     visible = torch.cuda.device_count()
     if cfg.trainer.device == "cuda" and gpus is None and visible == 0:
         return (f"this run needs CUDA GPUs (trainer.device=cuda; the plan: {planned_gpus(cfg)}) and this machine has "
@@ -248,8 +243,6 @@ def check_resources(cfg, gpus: int | None = None, card_bytes: float | None = Non
     world = gpus if gpus is not None else (world_size_from_env() or 1)
     if card_bytes is None:
         card_bytes = torch.cuda.get_device_properties(0).total_memory if visible else CARD_GIB * GiB
-    from occ_exp.config import ConfigError
-
     try:
         config = model_config(cfg.model)[0]
     except ConfigError:  # a model the plan cannot size without downloading it: loading will tell

@@ -21,7 +21,7 @@ from occ_exp.config import CONF_DIR, ConfigError, absolute_paths, register_confi
 from occ_exp.data.jsonl import DataError
 from occ_exp.learner import NonFiniteError
 from occ_exp.models.loading import CheckpointError
-from occ_exp.plan import print_plan
+from occ_exp.plan import check_resources, print_plan
 from occ_exp.rollout.dynamic_sampling import NoInformativeGroups
 from occ_exp.trainer import train
 
@@ -39,8 +39,6 @@ def main(cfg: DictConfig) -> dict | None:
         if cfg.trainer.dry_run:
             print_plan(cfg, console)
             return None
-        from occ_exp.plan import check_resources
-
         if (problem := check_resources(cfg)) is not None:  # too few GPUs: say so before loading weights
             raise ConfigError(problem)
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")

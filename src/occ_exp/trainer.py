@@ -94,9 +94,9 @@ class Run:
 
     def checkpoint(self, step: int) -> Path | None:
         """Save step `step` (collective; rank 0 writes); returns the folder on rank 0."""
-        state = builders.capture_state(step, self.policy, self.optimizer, self.scheduler, self.coef_states, self.prompts,
-                                       self.gen, self.dist, self.guard, self.rollout, self.tracker.run_id)
         model_sd = D.full_model_state_dict(self.policy, self.dist)  # collective; None without a process group
+        state = builders.capture_state(step, self.policy, self.optimizer, self.scheduler, self.coef_states, self.prompts,
+                                       self.gen, self.dist, self.guard, self.rollout, self.tracker.run_id, model_sd)
         path = None
         if self.dist.is_main:
             write_model = partial(save_policy, self.policy, self.tokenizer, state_dict=model_sd)
