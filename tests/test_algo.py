@@ -62,3 +62,23 @@ def test_aggregations(how):
     assert float(aggregate(x, m, how)) == pytest.approx(want)
     if how == "token_mean":  # a global token count (micro-batches, ranks) replaces the local one
         assert float(aggregate(x, m, how, num_tokens=8)) == pytest.approx(10 / 8)
+
+
+def test_dual_clip_is_verls_formula():
+    """clip_ratio_c (verl's dual-clip): tokens with A < 0 take min(max(-A r, -A clip(r)), -A c); a
+    ratio above c then gets no gradient. Off (null): the plain clipped loss."""
+    logp_old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[4.0, 1.1, 0.5], [4.0, 1.1, 0.5]])).requires_grad_(True)
+    adv = torch.tensor([-1.0, 1.0])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    loss, m = POLICY_LOSSES["clipped"](logp, logp_old, adv, mask, clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0)
+    r = torch.exp(logp.detach())
+    a = adv[:, None]
+    plain = torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+    want = torch.where(a < 0, torch.minimum(plain, -a * 3.0), plain)
+    assert torch.isclose(loss, want.mean())
+    assert m["clipfrac_lower"] == pytest.approx(1 / 6)  # ratio 4 > 3 with A < 0
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0  # dual-clipped; clipped above for A > 0
+    off, m_off = POLICY_LOSSES["clipped"](logp.detach(), logp_old, adv, mask)
+    assert torch.isclose(off, plain.mean()) and "clipfrac_lower" not in m_off

@@ -111,3 +111,37 @@ def test_diagnostics_and_head_ce_rules(overrides, key):
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(overrides))
     assert str(e.value).startswith(key)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["algorithm.dynamic_sampling=true", "algorithm.max_num_gen_batches=0"], "algorithm.max_num_gen_batches"),
+        (["algorithm.dynamic_sampling=true", "data.gen_batch_size=8"], "data.gen_batch_size"),  # < prompts_per_step=16
+        (["trainer.micro_batch_size=3"], "trainer.micro_batch_size"),  # 64 sequences per mini-batch
+        (["trainer.micro_batch_size=4", "algorithm.max_tokens_per_micro_batch=512"], "trainer.micro_batch_size"),
+        (["algorithm.clip_ratio_c=1.0"], "algorithm.clip_ratio_c"),
+        (["algorithm.clip_ratio_c=0.5"], "algorithm.clip_ratio_c"),
+        (["algorithm.filter_metric=reward"], "algorithm.filter_metric"),
+        (["algorithm.temperature=0.7"], "algorithm.temperature"),  # the sampler's is 1.0
+        (["rollout=vllm", "rollout.temperature=0.7"], "rollout.logprobs_mode"),
+        (["regime.lambda_apply=both"], "regime.lambda_apply"),
+        (["regime=ce", "regime.lambda_apply=advantage"], "regime.lambda_apply"),
+        (["regime.lambda_apply=advantage", "regime.estimator=exact"], "regime.lambda_apply"),
+        (["reward.scale=percent"], "reward.scale"),
+    ],
+)
+def test_fidelity_keys_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(overrides))
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_fidelity_keys_accept_their_valid_values():
+    validate(compose_cfg(["algorithm.dynamic_sampling=true", "data.gen_batch_size=24", "algorithm.max_num_gen_batches=1",
+                          "trainer.micro_batch_size=4", "algorithm.clip_ratio_c=3.0", "regime=occ_reference",
+                          "rollout.temperature=0.7", "reward.scale=binary"]))
+    validate(compose_cfg(["rollout=vllm", "rollout.temperature=0.7", "rollout.logprobs_mode=processed_logprobs"]))
+    cfg = compose_cfg(["experiment=mimo7b_dapo"])
+    assert (cfg.regime.lambda_plus, cfg.algorithm.clip_ratio_c, cfg.reward.scale) == (0.1, 10.0, "signed")
+    assert not cfg.algorithm.dynamic_sampling  # the reference MiMo run has none

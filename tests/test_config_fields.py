@@ -24,11 +24,7 @@ from occ_exp.config import Config
 from tests.conftest import CONF, ROOT
 
 # dotted key -> why it is in the schema although nothing reads it yet
-RESERVED = {
-    # Issue 13 (fidelity: full DAPO) implements DAPO's dynamic sampling on another branch; the key
-    # stays (conf/algorithm/dapo.yaml sets it). Delete this line when that lands.
-    "algorithm.dynamic_sampling": "issue 13: DAPO dynamic sampling (drop groups whose rewards are all equal), not implemented yet",
-}
+RESERVED: dict[str, str] = {}
 
 
 def schema_fields(cls=Config, prefix: str = "") -> dict[str, str]:

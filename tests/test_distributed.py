@@ -150,3 +150,19 @@ def test_two_rank_training_run_writes_metrics_and_resumes(tmp_path):
     assert all(math.isfinite(rows[-1][k]) for k in ("mtp/coef", "mtp/acceptance", "reward/mean", "time/gather_s"))
     assert rows[-1]["eval/n"] == 32 and rows[-1]["eval/final"] == 1
     assert (run / "checkpoints" / "step_000002" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_run_with_dynamic_sampling(tmp_path):
+    """algorithm.dynamic_sampling under 2 CPU ranks: every generation batch is gathered before the
+    filter, so both ranks keep the same groups and the sharded learner's collectives line up."""
+    run = tmp_path / "run"
+    _torchrun(["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false", "trainer.device=cpu",
+               f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.progress=false",
+               "trainer.total_steps=2", "trainer.eval_every=0", "algorithm.dynamic_sampling=true",
+               "data.gen_batch_size=6", "algorithm.filter_metric=score", "algorithm.overlong_buffer=48"], timeout=400)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["rollout/kept_groups"] == 4 and r["rollout/gen_batches"] >= 1 for r in steps)
+    assert all(math.isfinite(r["train/grad_norm"]) for r in steps)

@@ -71,19 +71,65 @@ def test_joint_regimes_reach_trunk_and_head(tiny_policy, regime):
     assert any(not _is_zero(p.grad) for p in policy.mtp_parameters())
 
 
-def test_occ_uses_estimated_coefficient(tiny_policy):
-    policy, _ = tiny_policy
-    term, out = _term(policy, "occ")
-    assert len(term.coefs) == policy.num_mtp_layers
-    # the applied coefficient is the estimator's value on this mini-batch
-    from occ_exp.algo.coefficient import occ_coefficient
+def _ctx(policy, regime_name, overrides=(), seed=0):
+    torch.manual_seed(seed)
+    cfg = compose_cfg([f"regime={regime_name}", *overrides])
+    regime = get_regime(regime_name)
+    ids, attn, mask = _batch(policy.config.vocab_size, seed=seed)
+    out = policy(ids, attn, mask.shape[1], detach_trunk=regime.detach_trunk, detach_head=regime.detach_head)
+    logp_old = (out.logp_main.detach() + 0.05 * torch.randn_like(out.logp_main)).masked_fill(~mask, 0)
+    ctx = MTPContext(out, logp_old, torch.randn(ids.shape[0]), mask, cfg.regime, cfg.algorithm,
+                     [CoefficientState() for _ in range(policy.num_mtp_layers)])
+    return regime, ctx
 
-    torch.manual_seed(0)
-    ids, attn, mask = _batch(policy.config.vocab_size)
-    ref = _term(policy, "occ")[1]
-    assert term.coefs[0] != 0.1
-    for k, c in enumerate(term.coefs):
-        assert c == c  # finite, not NaN
+
+def test_occ_applies_exactly_occ_coefficient_of_the_same_mini_batch(tiny_policy):
+    """Value equality: lambda_k is occ_coefficient(logp_main, logp_mtp[k], logp_old, mask) of THIS
+    mini-batch (a wrong sign, swapped inputs or another batch's log-probs fail), and the term is
+    (1/K) sum_k lambda_k * L_k with L_k the MTP head's policy loss."""
+    from occ_exp.algo.coefficient import occ_coefficient
+    from occ_exp.algo.policy_loss import POLICY_LOSSES, loss_options
+
+    policy, _ = tiny_policy
+    regime, ctx = _ctx(policy, "occ", ["regime.lambda_plus=0.7"])
+    term = mtp_term(regime, ctx)
+    out, a = ctx.out, ctx.algo_cfg
+    K = policy.num_mtp_layers
+    want_loss = 0.0
+    for k in range(K):
+        want = occ_coefficient(out.logp_main, out.logp_mtp[k], ctx.logp_old, ctx.mask, 0.7, 1e-8)
+        assert term.coefs[k] == float(want) and float(want) != 0.0
+        swapped = occ_coefficient(out.logp_mtp[k], out.logp_main, ctx.logp_old, ctx.mask, 0.7, 1e-8)
+        assert float(swapped) != term.coefs[k]  # the inputs' order matters: the test would see a swap
+        lk, _ = POLICY_LOSSES[a.policy_loss](out.logp_mtp[k], ctx.logp_old, ctx.advantages, ctx.mask, **loss_options(a))
+        want_loss = want_loss + want * lk
+    assert torch.allclose(term.loss, want_loss / K, rtol=1e-6, atol=0)
+
+
+def test_mtp_ratio_uses_the_main_heads_logp_old(tiny_policy):
+    """The MTP head's ratio is exp(logp_mtp - logp_old) with the MAIN head's logp_old (as the paper
+    and the reference code): the term must differ from one built on the MTP head's own old log-prob
+    (ratio 1 everywhere), and its gradient must vanish where the ratio against logp_old is clipped."""
+    from occ_exp.algo.policy_loss import POLICY_LOSSES, loss_options
+
+    policy, _ = tiny_policy
+    regime, ctx = _ctx(policy, "policy")
+    term = mtp_term(regime, ctx)
+    a, lp = ctx.algo_cfg, ctx.out.logp_mtp[0]
+    fn = POLICY_LOSSES[a.policy_loss]
+    main_old, _ = fn(lp, ctx.logp_old, ctx.advantages, ctx.mask, **loss_options(a))
+    own_old, _ = fn(lp, lp.detach(), ctx.advantages, ctx.mask, **loss_options(a))
+    K = policy.num_mtp_layers
+    assert torch.allclose(term.losses[0], main_old) and not torch.allclose(term.losses[0], own_old)
+    # exactly the tokens whose ratio against the main head's logp_old is clipped get no gradient
+    # (against its own old log-prob every ratio is 1 and every token would get one)
+    (g,) = torch.autograd.grad(term.losses[0], lp, retain_graph=True)
+    ratio = torch.exp(lp.detach() - ctx.logp_old)
+    A = ctx.advantages[:, None].expand_as(ratio)
+    clipped = ((A > 0) & (ratio > 1 + a.clip_high)) | ((A < 0) & (ratio < 1 - a.clip_low))
+    assert bool((clipped & ctx.mask).any())
+    assert bool((g[clipped & ctx.mask] == 0).all()) and bool((g[~clipped & ctx.mask] != 0).all())
+    assert K == len(term.losses)
 
 
 def test_fixed_coefficient_scales_the_term(tiny_policy):

@@ -152,6 +152,28 @@ def test_fault_chain_equals_straight_run(straight, cache_dir, tmp_path):
            steps=N, identical_metrics=True, identical_weights_and_optimizer=True, leftover_processes=0)
 
 
+def test_dynamic_sampling_resume_equals_straight_run(cache_dir, tmp_path):
+    """With DAPO's dynamic sampling (generation batches of 6 prompts filtered to 4 groups a step), a
+    run killed after step 3 and resumed from its step-2 checkpoint logs every metric and ends in the
+    state of an uninterrupted run: the filter keeps nothing between steps, the prompt stream's
+    position and the RNGs carry the rest."""
+    # the overlong penalty from 40 tokens on (responses average ~32) makes some groups' scores vary
+    ds = ["algorithm.dynamic_sampling=true", "data.gen_batch_size=6", "algorithm.max_num_gen_batches=6",
+          "algorithm.filter_metric=score", "algorithm.overlong_buffer=24"]
+    straight = tmp_path / "straight"
+    run_cli(straight, cache_dir, extra=ds)
+    steps = [x for x in rows(straight) if x["step"] > 0]
+    assert [x["rollout/kept_groups"] for x in steps] == [4.0] * N
+    assert any(x["rollout/filtered_share"] > 0 for x in steps) and any(x["rollout/gen_batches"] > 1 for x in steps)
+    run = tmp_path / "run"
+    p = run_cli(run, cache_dir, fault="kill_after_step:3", extra=ds)
+    assert p.returncode == -9 and latest_complete(run).name == "step_000002"
+    p = run_cli(run, cache_dir, extra=ds)
+    assert "step_000002 at step 2" in p.stderr
+    assert rows(run) == rows(straight)
+    assert_same_state(latest_complete(run), latest_complete(straight))
+
+
 def test_preemption_of_the_process_group_with_wandb(straight, cache_dir, tmp_path):
     """SIGTERM to every process of the run (as Slurm does) in step 2 (an evaluation step, so the
     verifier is needed after the signal): the step finishes, is saved,

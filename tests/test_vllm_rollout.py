@@ -79,6 +79,24 @@ def _simulate_greedy_drafting(agree: list[bool], length: int) -> tuple[int, int]
 
 
 @pytest.mark.slow
+def test_logprobs_at_temperature_equal_the_learners(tiny_policy):
+    """At rollout.temperature 0.7 the engine's processed log-probs (logits / T) are the learner's
+    logp_old at algorithm.temperature = 0.7 to float precision (rollout/logp_diff_mean); a learner at
+    T = 1 is far off (the mismatch the config refuses)."""
+    policy, tok = tiny_policy
+    cfg = compose_cfg(["rollout=vllm", "rollout.max_new_tokens=16", "rollout.temperature=0.7",
+                       "rollout.logprobs_mode=processed_logprobs"])
+    ro = build_rollout(cfg.rollout, policy, tok, "cpu")
+    try:
+        b = ro.generate(PROMPTS[:3], 4)
+        untempered = logp_gap(policy, b)
+        policy.temperature = cfg.algorithm.temperature
+        assert logp_gap(policy, b) < 1e-4 and untempered > 1e-2, (logp_gap(policy, b), untempered)
+    finally:
+        policy.temperature = 1.0
+        ro.close()
+
+
 def test_mtp_drafter_is_our_mtp_layer(tiny_policy):
     """Greedy speculative decoding accepts a draft exactly when the drafter's argmax is the main
     head's, so vLLM's counters must equal what our depth-1 layer predicts on the same tokens,

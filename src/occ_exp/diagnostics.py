@@ -147,14 +147,14 @@ class GradientProbe:
 
     def _mtp_parts(self, term) -> list[tuple[float, Grads]]:
         K = len(term.losses)
-        return [(lam / K, self.mtp(k, lk)) for k, (lam, lk) in enumerate(zip(term.coefs, term.losses))]
+        return [(w / K, self.mtp(k, lk)) for k, (w, lk) in enumerate(zip(term.weights, term.losses))]
 
     def mtp_direction(self, term) -> Grads:
         """u = (1/K) sum_k lambda_k grad L_MTP,k on the shared parameters (the MTP part of the update)."""
         return _weighted_sum(self._mtp_parts(term), len(self.shared))
 
     def backward(self, term) -> None:
-        """Set .grad to the gradient of rl_loss + term.loss (uses term.loss == mean_k lambda_k L_k + extra)."""
+        """Set .grad to the gradient of rl_loss + term.loss (uses term.loss == mean_k weight_k L_k + extra)."""
         params = self.shared + self.heads
         parts = [(1.0, self.rl()), *self._mtp_parts(term)]
         if term.extra is not None:

@@ -48,11 +48,13 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from occ_exp.algo.advantages import ADVANTAGES
-from occ_exp.algo.policy_loss import POLICY_LOSSES
+from occ_exp.algo.coefficient import PER_MICRO_BATCH
+from occ_exp.algo.policy_loss import POLICY_LOSSES, loss_options
 from occ_exp.algo.regimes import MTPContext, MTPTerm, Regime, mtp_term
 from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
 from occ_exp.distributed import Dist, clip_grads, grad_norm
 from occ_exp.models.policy import PolicyOutput
+from occ_exp.reward.rewards import scale_reward
 from occ_exp.rollout.base import RolloutBatch
 
 # Metrics that are sums over the mini-batch (everything else is a token-weighted mean).
@@ -107,9 +109,11 @@ def row_lengths(batch: RolloutBatch) -> torch.Tensor:
     return batch.attention_mask.sum(-1)
 
 
-def split_micro_batches(mb: RolloutBatch, max_tokens: int, dist=None) -> list[tuple[torch.Tensor, RolloutBatch]]:
-    """(row indices within mb, compacted micro-batch) pairs."""
-    parts = micro_batch_indices(row_lengths(mb), max_tokens, dist)
+def split_micro_batches(mb: RolloutBatch, max_tokens: int, dist=None, rows: int = 0) -> list[tuple[torch.Tensor, RolloutBatch]]:
+    """(row indices within mb, compacted micro-batch) pairs: `rows` consecutive rows each
+    (trainer.micro_batch_size, verl's ppo_micro_batch_size_per_gpu), else by token budget."""
+    parts = (list(torch.arange(mb.input_ids.shape[0]).split(rows)) if rows
+             else micro_batch_indices(row_lengths(mb), max_tokens, dist))
     if len(parts) == 1:
         return [(parts[0], mb.compact())]
     return [(ix, mb.select(ix).compact()) for ix in parts]
@@ -244,13 +248,19 @@ def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
     return -penalty * (over / buffer).clamp(max=1.0)
 
 
-def compute_advantages(batch: RolloutBatch, rewards: torch.Tensor, cfg) -> None:
-    """batch.rewards and batch.advantages: group-normalised rewards after the overlong shaping."""
+def shaped_reward(batch: RolloutBatch, cfg) -> torch.Tensor:
+    """The reward the advantages see: the verifier's score (batch.rewards) at `reward.scale`, plus
+    DAPO's overlong penalty."""
     a = cfg.algorithm
-    shaped = rewards + overlong_shaping(batch.response_mask.sum(-1), cfg.rollout.max_new_tokens, a.overlong_buffer,
-                                        a.overlong_penalty)
+    return scale_reward(batch.rewards, cfg.reward.scale) + overlong_shaping(
+        batch.response_mask.sum(-1), cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+
+
+def compute_advantages(batch: RolloutBatch, rewards: torch.Tensor, cfg) -> None:
+    """batch.rewards (the verifier's scores) and batch.advantages: group-normalised shaped rewards."""
+    a = cfg.algorithm
     batch.rewards = rewards
-    batch.advantages = ADVANTAGES[a.advantage](shaped, a.group_size, a.adv_eps)
+    batch.advantages = ADVANTAGES[a.advantage](shaped_reward(batch, cfg), a.group_size, a.adv_eps)
 
 
 @torch.no_grad()
@@ -328,8 +338,13 @@ class Update:
     def rl_objective(self, out, mb: RolloutBatch, denom: Denominators):
         a = self.cfg.algorithm
         return POLICY_LOSSES[a.policy_loss](out.logp_main, mb.logp_old, mb.advantages, mb.response_mask,
-                                            clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
-                                            num_tokens=denom.tokens, num_seqs=denom.seqs)
+                                            **loss_options(a), num_tokens=denom.tokens, num_seqs=denom.seqs)
+
+    @property
+    def whole_coef(self) -> bool:
+        """lambda comes from the whole mini-batch (gathered before any backward); False for fixed
+        lambdas and for the estimators the reference code runs on each micro-batch alone."""
+        return self.regime.estimates_coef and self.cfg.regime.estimator not in PER_MICRO_BATCH
 
 
 def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
@@ -352,6 +367,8 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
         for i, idx in enumerate(mbs):
             last = epoch == a.ppo_epochs - 1 and i == len(mbs) - 1
             rows.append(optimizer_step(u, batch, idx, diagnose=diagnose and last))
+    if any(not r["train/skipped_steps"] for r in rows):  # the learning rate follows RL steps (verl's schedule)
+        u.scheduler.step()
     return summarize_updates(rows, u.guard)
 
 
@@ -359,7 +376,7 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
     """One optimiser step on the mini-batch `idx` of `batch` (this rank's slice of it, in
     micro-batches); returns its metrics row."""
     mb = batch.select(u.dist.share_of(idx))
-    micro = split_micro_batches(mb, u.cfg.algorithm.max_tokens_per_micro_batch, u.dist)
+    micro = split_micro_batches(mb, u.cfg.algorithm.max_tokens_per_micro_batch, u.dist, u.cfg.trainer.micro_batch_size)
     split = len(micro) > 1 or u.dist.world_size > 1
     denom = Denominators.of(mb, u.dist) if split else Denominators(None, None)
     coef_before = [c.state_dict() for c in u.coef_states]
@@ -370,19 +387,22 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
     for rows, m in micro:
         out = u.policy(m.input_ids, m.attention_mask, m.response_len,
                        detach_trunk=u.regime.detach_trunk, detach_head=u.regime.detach_head)
-        if split and u.regime.estimates_coef and coefs is None:  # one micro-batch per rank: its own forward
+        if split and u.whole_coef and coefs is None:  # one micro-batch per rank: its own forward
             coefs = estimate_coefs(u.regime, [rows], [out], [m], advantages, u.cfg, u.coef_states, u.dist)
         term, metrics, diag = micro_batch_backward(u, m, out, denom, coefs, diagnose=diagnose and not split)
+        if split and u.regime.estimates_coef and not u.whole_coef:  # one lambda per micro-batch: their mean
+            metrics.update({f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)})
         acc.add(metrics, weight=float(m.response_mask.sum()))
     metrics = acc.reduce(u.dist)
     gnorm, trunk_gnorm, mtp_gnorm = clip_gradients(u)
     skipped = apply_or_skip(u, metrics["train/loss"], float(gnorm), term.coefs, coef_before)
+    coefs = [metrics.pop(f"mtp/coef_d{k + 1}", c) for k, c in enumerate(term.coefs)]
     return {
         **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": float(trunk_gnorm),
         "mtp/grad_norm": float(mtp_gnorm), "train/skipped_steps": float(skipped),
         "train/lr": u.scheduler.get_last_lr()[0],
-        "mtp/coef": term.coefs[0] if term.coefs else 0.0,
-        **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
+        "mtp/coef": coefs[0] if coefs else 0.0,
+        **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(coefs)},
         **diag,
     }
 
@@ -390,8 +410,8 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
 def lambda_before_backward(u: Update, micro: list[tuple[torch.Tensor, RolloutBatch]],
                            advantages: torch.Tensor) -> list[torch.Tensor] | None:
     """lambda_k of a mini-batch cut into several micro-batches, from no-grad forwards of all of
-    them before any backward (None when the regime's lambda is not estimated)."""
-    if not u.regime.estimates_coef:
+    them before any backward (None when the regime's lambda is not estimated on the whole mini-batch)."""
+    if not u.whole_coef:
         return None
     with torch.no_grad():
         outs = [u.policy(m.input_ids, m.attention_mask, m.response_len) for _, m in micro]
@@ -406,7 +426,8 @@ def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, c
     # per-loss gradients, taken only if an estimator or the diagnostics ask (one micro-batch)
     probe = GradientProbe(rl_loss, u.trunk_params, u.mtp_params)
     ctx = MTPContext(out, m.logp_old, m.advantages, m.response_mask, u.cfg.regime, u.cfg.algorithm, u.coef_states,
-                     num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs, policy=u.policy, probe=probe)
+                     num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs, policy=u.policy, probe=probe,
+                     pad_to=u.cfg.rollout.max_new_tokens)
     term = mtp_term(u.regime, ctx)
     loss = rl_loss + term.loss
     diag = run_exact_diagnostics(u, m, denom, probe, term, ctx) if diagnose else {}
@@ -443,15 +464,14 @@ def clip_gradients(u: Update) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def apply_or_skip(u: Update, loss: float, gnorm: float, coefs: list[float], coef_before: list[dict]) -> bool:
-    """Optimiser and scheduler step, or, when a value is not finite, no step and the OCC estimator
-    state rolled back (NonFiniteGuard); True if skipped."""
+    """Optimiser step, or, when a value is not finite, no step and the OCC estimator state rolled
+    back (NonFiniteGuard); True if skipped. The scheduler steps once per RL step (learner_update)."""
     if u.guard.skip(u.step, loss, gnorm, coefs):
         u.optimizer.zero_grad(set_to_none=True)
         for c, s in zip(u.coef_states, coef_before):
             c.load_state_dict(s)
         return True
     u.optimizer.step()
-    u.scheduler.step()
     return False
 
 

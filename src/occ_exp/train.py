@@ -22,6 +22,7 @@ from occ_exp.data.jsonl import DataError
 from occ_exp.learner import NonFiniteError
 from occ_exp.models.loading import CheckpointError
 from occ_exp.plan import check_resources, print_plan
+from occ_exp.rollout.dynamic_sampling import NoInformativeGroups
 from occ_exp.trainer import train
 
 register_configs()
@@ -47,6 +48,9 @@ def main(cfg: DictConfig) -> dict | None:
         sys.exit(2)
     except NonFiniteError as e:
         console.print(f"[bold red]numerical error[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(1)
+    except NoInformativeGroups as e:
+        console.print(f"[bold red]dynamic sampling error[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     if summary["stopped_at_step"] is not None:
         console.print(f"[bold yellow]stopped[/] after step {summary['stopped_at_step']} (SIGTERM); "

@@ -4,12 +4,14 @@
         prompts                  <- data
         samples, logp_sampler    <- rollout(prompts, G)                      [rollout]
         rewards                  <- verifier(samples)                        [reward]
-        advantages               <- group-normalised rewards                 [advantage]
+          (algorithm.dynamic_sampling: more prompts until enough groups whose rewards vary)
+        advantages               <- group-normalised rewards at reward.scale [advantage]
         logp_old                 <- learner forward (or the sampler's)       [logp_old]
         for each mini-batch:                                                 [update]
             logp_main, logp_mtp  <- one forward through trunk and MTP heads
             loss = L_RL(logp_main) + mean_k lambda_k * L_MTP(logp_mtp[k])    (regime, coefficient)
             backward, clip, optimiser step
+        learning-rate schedule: one step per RL step
         metrics -> metrics.jsonl / W&B; evaluation; checkpoint
 
 `set_up` builds the run (`Run`), `rl_step` is one pass of the box above (the learner phase,
@@ -38,13 +40,14 @@ from occ_exp.data.benchmarks import load_benchmarks
 from occ_exp.data.prompts import PromptStream, format_prompts
 from occ_exp.evaluation import Evaluator, Scorers, eval_metrics, write_eval
 from occ_exp.faults import fault_point
-from occ_exp.learner import (NonFiniteGuard, build_optimizer, compute_advantages, learner_update, rollout_metrics,
-                             set_logp_old)
+from occ_exp.learner import (NonFiniteGuard, build_optimizer, compute_advantages, learner_update, mean_dict,
+                             rollout_metrics, set_logp_old, shaped_reward)
 from occ_exp.models.loading import save_policy
 from occ_exp.preemption import GracefulStop
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout import build_rollout
 from occ_exp.rollout.base import Rollout
+from occ_exp.rollout.dynamic_sampling import GroupFilter, group_multiple
 from occ_exp.runtime import PhaseTimer, seed_everything, set_threads
 from occ_exp.tracking import Tracker
 from occ_exp.validation import validate
@@ -161,6 +164,7 @@ def set_up(cfg: DictConfig, run_dir: Path, log) -> Run:
         mtp_warmup(policy, env.tokenizer, env.task, cfg.model, env.fresh_mtp_layers, device, rollout, seed=cfg.seed,
                    log=log)
         rollout.sync_weights()
+    policy.temperature = cfg.algorithm.temperature  # the learner's log-probs at the sampler's (warm-ups ran at 1)
     run.tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
                           OmegaConf.to_container(cfg, resolve=True), resume_step=run.start, run_id=wandb_id)
     return run
@@ -180,24 +184,53 @@ def prepare_policy(policy, cfg: DictConfig, dist: D.Dist, log):
 
 
 # -- one step ---------------------------------------------------------------------------------------
+def sample_groups(run: Run, timer) -> tuple:
+    """This rank's rollout batch of the step, the verifier's scores in `batch.rewards`: its share of
+    data.prompts_per_step prompts, or under algorithm.dynamic_sampling its share of the informative
+    groups of up to max_num_gen_batches generation batches (each gathered over ranks before the
+    filter, so every rank keeps the same groups). Returns (batch, prompts on this rank, stats)."""
+    cfg, dist, a = run.cfg, run.dist, run.cfg.algorithm
+    G = a.group_size
+
+    def generate(n: int):
+        with timer("rollout"):
+            problems = dist.shard(run.prompts.next(n))  # this rank's share (all of them)
+            with run.generating():
+                b = run.rollout.generate(format_prompts(problems, run.tokenizer, cfg.model.chat_template), G)
+        with timer("reward"):
+            b.rewards, stats = run.reward_fn(b.texts, [problems[i] for i in b.prompt_index.tolist()])
+        return b, len(problems), stats
+
+    if not a.dynamic_sampling:
+        return generate(cfg.data.prompts_per_step)
+    groups = GroupFilter(cfg.data.prompts_per_step, G, a.max_num_gen_batches,
+                         multiple=group_multiple(a.num_mini_batches, G, dist.world_size))
+    stats = []
+    while groups.wants_more():
+        b, n, st = generate(cfg.data.gen_batch_size or cfg.data.prompts_per_step)
+        stats.append(st)
+        b = dist.gather_rollouts(b, n)
+        groups.add(b, b.rewards if a.filter_metric == "acc" else shaped_reward(b, cfg))
+    batch = groups.result()
+    share = batch.input_ids.shape[0] // G // dist.world_size
+    batch = batch.select(torch.arange(dist.rank * share * G, (dist.rank + 1) * share * G, device=batch.input_ids.device))
+    batch.prompt_index = torch.arange(share, device=batch.prompt_index.device).repeat_interleave(G)
+    return batch, share, {**mean_dict(stats), **groups.metrics()}
+
+
 def rl_step(run: Run, step: int) -> dict:
     """One RL step, phase by phase (the module docstring's box); returns the step's metrics."""
     cfg, dist, a = run.cfg, run.dist, run.cfg.algorithm
     timer = PhaseTimer(cuda=run.device.type == "cuda")
     t_step = time.perf_counter()
-    with timer("rollout"):
-        problems = dist.shard(run.prompts.next(cfg.data.prompts_per_step))  # this rank's share (all of them)
-        with run.generating():
-            batch = run.rollout.generate(format_prompts(problems, run.tokenizer, cfg.model.chat_template), a.group_size)
-    with timer("reward"):
-        rewards, stats = run.reward_fn(batch.texts, [problems[i] for i in batch.prompt_index.tolist()])
+    batch, n_prompts, stats = sample_groups(run, timer)
     with timer("advantage"):
-        compute_advantages(batch, rewards, cfg)
+        compute_advantages(batch, batch.rewards, cfg)
     with timer("logp_old"):
         stats.update(set_logp_old(run.policy, batch, cfg, dist))
     if dist.world_size > 1:  # every rank now holds the whole step's batch (advantages already per group)
         with timer("gather"):
-            batch, stats = dist.gather_rollouts(batch, len(problems)), dist.mean_dict(stats)
+            batch, stats = dist.gather_rollouts(batch, n_prompts), dist.mean_dict(stats)
     with timer("update"):
         diagnose = cfg.diagnostics.exact_every > 0 and step % cfg.diagnostics.exact_every == 0
         metrics = learner_update(run.policy, run.optimizer, run.scheduler, run.regime, batch, cfg, run.coef_states,

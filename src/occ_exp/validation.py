@@ -32,7 +32,7 @@ def validate(cfg: DictConfig | Config) -> None:
     """Range and cross-field checks, group by group; raises ConfigError with the key and the fix."""
     c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     for check in (_check_regime, _check_algorithm, _check_optimizer, _check_data_and_rollout, _check_eval,
-                  _check_model_and_engine, _check_run, _check_diagnostics, _check_across_groups):
+                  _check_model_and_engine, _check_run, _check_diagnostics, _check_across_groups, _check_fidelity):
         check(c)
 
 
@@ -181,6 +181,44 @@ def _check_across_groups(c) -> None:
              "algorithm.max_tokens_per_micro_batch=0 and run without torchrun (or use estimator=paper)")
     _require(r.head_ce == 0 or REGIMES[r.name].train_heads, "regime.head_ce",
              f"regime={r.name} does not train the MTP heads; set regime.head_ce=0 or pick another regime")
+
+
+def _check_fidelity(c) -> None:
+    """lambda's application, dual-clip, dynamic sampling, micro-batches, temperatures, reward scale."""
+    r, a, d, t, ro = c.regime, c.algorithm, c.data, c.trainer, c.rollout
+    world = world_size_from_env() or 1
+    _require(r.lambda_apply in ("loss", "advantage"), "regime.lambda_apply",
+             f"choose loss or advantage; got {r.lambda_apply!r}")
+    if r.lambda_apply == "advantage":
+        _require(REGIMES[r.name].policy_term, "regime.lambda_apply",
+                 f"advantage scales the advantages of the MTP policy loss; regime={r.name} has none (use policy or occ, "
+                 "or lambda_apply=loss)")
+        _require(r.estimator != "exact" and c.diagnostics.exact_every == 0, "regime.lambda_apply",
+                 "the exact gradients (estimator=exact, diagnostics.exact_every) need lambda_apply=loss")
+    _require(a.clip_ratio_c is None or (_finite(a.clip_ratio_c) and a.clip_ratio_c > 1), "algorithm.clip_ratio_c",
+             f"must be null (off) or > 1 (the dual-clip bound of the ratio for negative advantages), got {a.clip_ratio_c}")
+    _require(a.max_num_gen_batches >= 1, "algorithm.max_num_gen_batches",
+             f"must be >= 1 (generation batches per step under dynamic sampling), got {a.max_num_gen_batches}")
+    _require(a.filter_metric in ("acc", "score"), "algorithm.filter_metric", f"choose acc or score; got {a.filter_metric!r}")
+    if d.gen_batch_size is not None:
+        _require(d.gen_batch_size >= d.prompts_per_step, "data.gen_batch_size",
+                 f"must be >= data.prompts_per_step={d.prompts_per_step} (or null), got {d.gen_batch_size}")
+        _require(d.gen_batch_size % world == 0, "data.gen_batch_size",
+                 f"{d.gen_batch_size} prompts do not split over {world} ranks; use a multiple of {world}")
+    _require(t.micro_batch_size >= 0, "trainer.micro_batch_size", f"must be >= 0 (0 = off), got {t.micro_batch_size}")
+    if t.micro_batch_size:
+        rows = d.prompts_per_step * a.group_size // a.num_mini_batches // world
+        _require(rows % t.micro_batch_size == 0, "trainer.micro_batch_size",
+                 f"{t.micro_batch_size} does not divide a mini-batch's {rows} sequences per rank; choose a divisor")
+        _require(a.max_tokens_per_micro_batch == 0, "trainer.micro_batch_size",
+                 "micro-batches by count and by tokens exclude each other; set algorithm.max_tokens_per_micro_batch=0")
+    _require(_finite(a.temperature) and a.temperature == ro.temperature, "algorithm.temperature",
+             f"the learner's temperature {a.temperature} differs from the sampler's rollout.temperature={ro.temperature}; "
+             "every ratio would be off: leave algorithm.temperature unset (it follows rollout.temperature)")
+    _require(not (ro.name == "vllm" and ro.temperature != 1 and ro.logprobs_mode == "raw_logprobs"),
+             "rollout.logprobs_mode", f"raw_logprobs are at temperature 1, the learner's at rollout.temperature="
+             f"{ro.temperature}; set rollout.logprobs_mode=processed_logprobs")
+    _require(c.reward.scale in ("binary", "signed"), "reward.scale", f"choose binary or signed; got {c.reward.scale!r}")
 
 
 def _validate_distributed(c) -> None:

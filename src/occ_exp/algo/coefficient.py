@@ -14,12 +14,18 @@ Estimator variants (`regime.estimator`, the registry `ESTIMATORS`), each one reg
 | name             | lambda_t                                                                          |
 |------------------|-----------------------------------------------------------------------------------|
 | `paper`          | lambda_plus * sum(d_rl*d_mtp) / (sum(d_mtp^2) + eps) over the response mask (default) |
-| `reference_code` | lambda_plus * mean over ALL B*R positions of d_rl*d_mtp / (d_mtp^2 + eps)           |
-|                  | (the public reference implementation's form: heavy-tailed, diluted by padding)     |
+| `reference_code` | lambda_plus * mean over ALL b*R_pad positions of d_rl*d_mtp / (d_mtp^2 + eps), PER |
+|                  | MICRO-BATCH of b rows padded to R_pad (the public reference implementation, see   |
+|                  | `reference_coefficient` and docs/fidelity.md: heavy-tailed, diluted by padding)    |
 | `paper_in_clip`  | `paper`, summed only over tokens whose main- and MTP-head ratios exp(logp - logp_old)|
 |                  | lie inside the clip region [1 - clip_low, 1 + clip_high] (robust to badly wrong heads)|
 | `exact`          | lambda_plus * c / (v2 + eps) from the exact gradients on the shared parameters     |
 |                  | (the expensive oracle: two extra backward passes per mini-batch)                   |
+
+`paper`, `paper_in_clip` and `exact` see the whole mini-batch (the learner gathers it over
+micro-batches and ranks); `reference_code` sees each micro-batch on each rank alone, as the
+reference code does (`PER_MICRO_BATCH`). How lambda enters the loss (`regime.lambda_apply`: on the
+loss, or on the advantages as the reference does) is the regime's business (occ_exp.algo.regimes).
 
 Post-processing by `CoefficientState` (smoothing `regime.ema`, clipping `regime.clip`) applies to
 every estimator; the paper uses neither.
@@ -34,11 +40,14 @@ import torch
 
 Estimator = Callable[..., torch.Tensor]
 ESTIMATORS: dict[str, Estimator] = {}
+PER_MICRO_BATCH: set[str] = set()  # estimators computed on each micro-batch alone (not the whole mini-batch)
 
 
-def register_estimator(name: str):
+def register_estimator(name: str, per_micro_batch: bool = False):
     def deco(fn: Estimator) -> Estimator:
         ESTIMATORS[name] = fn
+        if per_micro_batch:
+            PER_MICRO_BATCH.add(name)
         return fn
 
     return deco
@@ -107,24 +116,42 @@ def occ_coefficient(
 
 # Every estimator: fn(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **kw) -> 0-dim float32,
 # without gradient. Keywords the learner passes: clip_low, clip_high (the policy loss's clip
-# range), probe (a diagnostics.GradientProbe on this mini-batch's graph), k (the depth, 0-based)
-# and loss_k (the depth's MTP loss, with graph). estimator=paper is occ_coefficient itself.
+# range), pad_to (the padded response width the reference code averages over), probe (a
+# diagnostics.GradientProbe on this mini-batch's graph), k (the depth, 0-based) and loss_k (the
+# depth's MTP loss, with graph). estimator=paper is occ_coefficient itself.
 register_estimator("paper")(occ_coefficient)
 
 
-@register_estimator("reference_code")
 @torch.no_grad()
-def _reference_code(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **_):
-    """The public reference implementation's form: the per-token ratio d_rl*d_mtp / (d_mtp^2 + eps)
-    (0 outside the mask), averaged over all B*R positions, padding included. Each term is bounded
-    by |d_rl| / (2*sqrt(eps)) but dominated by tokens where d_mtp is tiny, and the mean shrinks
-    with the share of padding."""
+def reference_coefficient(logp_main, logp_mtp, logp_old, mask, lambda_plus: float = 0.1, eps: float = 1e-8,
+                          pad_to: int = 0) -> torch.Tensor:
+    """lambda of the public reference implementation (RL-MTP, verl's megatron actor `loss_func`),
+    computed on ONE micro-batch of b rows:
+
+        d_rl = logp_main - logp_old,  d_mtp = logp_mtp - logp_old        (0 at padding, as verl's)
+        lambda = lambda_plus * mean over the padded [b, R_pad] grid of d_rl * d_mtp / (d_mtp^2 + eps)
+
+    R_pad = max(pad_to, R): verl pads every response to `data.max_response_length`, so the
+    learner passes `rollout.max_new_tokens` and the mean counts that many positions per row. The
+    reference also divides `mtp_loss_scaling_factor` by the number of heads K; here the regime's
+    1/K average does that (the clipped policy loss is positively homogeneous in the advantages,
+    so (1/K) L(A * lambda) == L(A * lambda / K) exactly). Float64; returns a 0-dim float32."""
     keep = mask.bool()
     zero = torch.zeros((), dtype=torch.float64, device=logp_main.device)
     d_rl = torch.where(keep, logp_main.detach().double() - logp_old.double(), zero)
     d_mtp = torch.where(keep, logp_mtp.detach().double() - logp_old.double(), zero)
     ratio = d_rl * d_mtp / (d_mtp * d_mtp + eps)
-    return (lambda_plus * ratio.mean()).to(torch.float32)
+    grid = ratio.shape[0] * max(int(pad_to), ratio.shape[-1])
+    return (lambda_plus * ratio.sum() / max(grid, 1)).to(torch.float32)
+
+
+@register_estimator("reference_code", per_micro_batch=True)
+def _reference_code(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, *, pad_to=0, **_):
+    """The public reference implementation's form (see `reference_coefficient`): the per-token
+    ratio d_rl*d_mtp / (d_mtp^2 + eps), averaged over every padded position of the micro-batch.
+    Each term is bounded by |d_rl| / (2*sqrt(eps)) but dominated by tokens where d_mtp is tiny,
+    and the mean shrinks with the share of padding."""
+    return reference_coefficient(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, pad_to)
 
 
 @register_estimator("paper_in_clip")

@@ -49,37 +49,56 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * m).sum() / m.sum().clamp(min=1.0))
 
 
-def _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs):
+def _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs, clip_ratio_c=None):
     """Per token max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)), r = exp(log_ratio),
-    aggregated; returns the loss and the clip fraction / mean ratio."""
+    aggregated; with `clip_ratio_c` (verl's dual-clip, null = off) tokens with A < 0 take
+    min(that, -A * clip_ratio_c). Returns the loss and the clip fractions / mean ratio."""
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     pg1 = -a * ratio
     pg2 = -a * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(pg1, pg2), mask, agg, num_tokens, num_seqs)
+    per_tok = torch.maximum(pg1, pg2)
+    lower = None
+    if clip_ratio_c is not None:
+        pg3 = -a * clip_ratio_c
+        lower = (a < 0) & (per_tok > pg3)
+        per_tok = torch.where(a < 0, torch.minimum(per_tok, pg3), per_tok)
+    loss = aggregate(per_tok, mask, agg, num_tokens, num_seqs)
     with torch.no_grad():
         stats = {"clipfrac": _masked_mean((pg2 > pg1).float(), mask), "ratio_mean": _masked_mean(ratio, mask)}
+        if lower is not None:
+            stats["clipfrac_lower"] = _masked_mean(lower.float(), mask)
     return loss, stats
 
 
 @register_policy_loss("clipped")
-def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, agg="token_mean", num_tokens=None, num_seqs=None):
+def clipped(logp, logp_old, adv, mask, *, clip_low=0.2, clip_high=0.28, clip_ratio_c=None, agg="token_mean",
+            num_tokens=None, num_seqs=None):
     """PPO/DAPO clipped surrogate with clip-higher: per token
-    max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logp - logp_old)."""
+    max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logp - logp_old);
+    with dual-clip (`clip_ratio_c`, verl's vanilla loss) min(that, -A * clip_ratio_c) where A < 0.
+    `adv` is per sequence [B] or per token [B, R]."""
     log_ratio = (logp - logp_old).clamp(-20.0, 20.0)
-    loss, stats = _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs)
+    loss, stats = _clipped_surrogate(log_ratio, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs, clip_ratio_c)
     with torch.no_grad():
         stats["approx_kl"] = _masked_mean(0.5 * log_ratio.pow(2), mask)
     return loss, stats
 
 
 @register_policy_loss("gspo")
-def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, agg="seq_mean_token_mean", num_tokens=None, num_seqs=None):
+def gspo(logp, logp_old, adv, mask, *, clip_low=3e-4, clip_high=4e-4, clip_ratio_c=None, agg="seq_mean_token_mean",
+         num_tokens=None, num_seqs=None):
     """GSPO: sequence-level ratio s = exp(mean_t(logp - logp_old)), clipped, with the per-token
     gradient of s_i routed through each token (token ratio = sg(s) * exp(logp - sg(logp)))."""
     m = mask.to(logp.dtype)
     seq_log_ratio = ((logp - logp_old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
     log_s = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()
-    loss, stats = _clipped_surrogate(log_s, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs)
+    loss, stats = _clipped_surrogate(log_s, adv, mask, clip_low, clip_high, agg, num_tokens, num_seqs, clip_ratio_c)
     stats["approx_kl"] = float(0.5 * seq_log_ratio.detach().pow(2).mean())
     return loss, stats
+
+
+def loss_options(algo_cfg) -> dict:
+    """The policy loss's keyword arguments from `algorithm.*` (every caller passes the same ones)."""
+    return {"clip_low": algo_cfg.clip_low, "clip_high": algo_cfg.clip_high,
+            "clip_ratio_c": algo_cfg.clip_ratio_c, "agg": algo_cfg.loss_agg}

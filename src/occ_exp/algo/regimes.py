@@ -22,6 +22,13 @@ which gradients the MTP path may send into the shared parameters, and whether th
 Under `detach` the MTP heads still train (their own parameters get the CE gradient) but no
 gradient reaches the trunk or the LM head. `detach_ref` is the public reference implementation's
 detach: with an untied LM head the MTP CE still trains the main model's output layer.
+`regime.lambda_apply` says where lambda_k enters for the regimes whose L_MTP is the policy loss
+(policy, occ): `loss` (default, the paper's equation: lambda_k * L(logp_mtp, A)) or `advantage`
+(the reference code: L(logp_mtp, lambda_k * A)). The two are equal for lambda_k >= 0; for
+lambda_k < 0 scaling the advantages flips their sign, so the clip acts on the other side of the
+ratio (and verl's dual-clip `algorithm.clip_ratio_c` applies to the now-negative advantages),
+whereas lambda_k * L keeps the clip of A and reverses the whole term. docs/fidelity.md compares them.
+
 `regime.head_ce > 0` adds the detach regime's detached head CE on top of any regime (meant for
 occ and policy: the heads stay useful drafters while the trunk sees only the regime's term); it
 reruns only the MTP layers on the trunk outputs already computed. Adding a regime is one
@@ -36,7 +43,7 @@ from typing import Callable, Protocol
 import torch
 
 from occ_exp.algo.coefficient import ESTIMATORS, CoefficientState
-from occ_exp.algo.policy_loss import POLICY_LOSSES, aggregate
+from occ_exp.algo.policy_loss import POLICY_LOSSES, aggregate, loss_options
 
 
 class HeadOutputs(Protocol):
@@ -62,6 +69,7 @@ class Regime:
     detach_head: bool
     train_heads: bool = True
     estimates_coef: bool = False  # lambda comes from the mini-batch's log-probs (occ)
+    policy_term: bool = False  # L_MTP is the policy loss (lambda may scale the advantages instead)
     doc: str = ""
 
 
@@ -69,9 +77,9 @@ REGIMES: dict[str, Regime] = {}
 
 
 def register_regime(name: str, *, detach_trunk: bool, detach_head: bool, train_heads: bool = True,
-                    estimates_coef: bool = False):
+                    estimates_coef: bool = False, policy_term: bool = False):
     def deco(fn: TermFn) -> TermFn:
-        REGIMES[name] = Regime(name, fn, detach_trunk, detach_head, train_heads, estimates_coef,
+        REGIMES[name] = Regime(name, fn, detach_trunk, detach_head, train_heads, estimates_coef, policy_term,
                                (fn.__doc__ or "").strip())
         return fn
 
@@ -103,6 +111,7 @@ class MTPContext:
     cache: dict = field(default_factory=dict)
     policy: object | None = None  # the MTPPolicy (head_ce reruns its MTP layers on `out.trunk`)
     probe: object | None = None  # diagnostics.GradientProbe on this mini-batch (estimator=exact)
+    pad_to: int = 0  # padded response width the reference_code estimator averages over (rollout.max_new_tokens)
 
     # -- building blocks ----------------------------------------------------------------------
     def fixed_coef(self) -> torch.Tensor:
@@ -112,12 +121,18 @@ class MTPContext:
         """Cross-entropy of the depth-k head on the sampled response tokens (token mean)."""
         return aggregate(-self.out.logp_mtp[k], self.mask, "token_mean", self.num_tokens)
 
-    def policy_loss(self, k: int) -> torch.Tensor:
-        """The RL objective's own clipped policy loss, with the depth-k head's log-probs."""
+    @property
+    def by_advantage(self) -> bool:
+        """lambda scales the advantages of the MTP policy loss (`regime.lambda_apply=advantage`)."""
+        return self.regime_cfg.lambda_apply == "advantage"
+
+    def policy_loss(self, k: int, adv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The RL objective's own clipped policy loss, with the depth-k head's log-probs, against
+        the MAIN head's logp_old; `adv_scale` multiplies the advantages (lambda_apply=advantage)."""
         a = self.algo_cfg
-        fn = POLICY_LOSSES[a.policy_loss]
-        loss, _ = fn(self.out.logp_mtp[k], self.logp_old, self.advantages, self.mask, clip_low=a.clip_low,
-                     clip_high=a.clip_high, agg=a.loss_agg, num_tokens=self.num_tokens, num_seqs=self.num_seqs)
+        adv = self.advantages if adv_scale is None else self.advantages * adv_scale.detach().to(self.advantages)
+        loss, _ = POLICY_LOSSES[a.policy_loss](self.out.logp_mtp[k], self.logp_old, adv, self.mask, **loss_options(a),
+                                              num_tokens=self.num_tokens, num_seqs=self.num_seqs)
         return loss
 
     def soft_ce(self, k: int) -> torch.Tensor:
@@ -144,7 +159,7 @@ class MTPContext:
         r, a = self.regime_cfg, self.algo_cfg
         raw = ESTIMATORS[r.estimator](
             self.out.logp_main, self.out.logp_mtp[k], self.logp_old, self.mask, r.lambda_plus, r.eps,
-            clip_low=a.clip_low, clip_high=a.clip_high, probe=self.probe, k=k, loss_k=loss_k,
+            clip_low=a.clip_low, clip_high=a.clip_high, pad_to=self.pad_to, probe=self.probe, k=k, loss_k=loss_k,
         )
         return self.coef_states[k](raw)
 
@@ -180,38 +195,51 @@ def ce(ctx: MTPContext, k: int):
     return ctx.fixed_coef(), ctx.ce(k)
 
 
-@register_regime("policy", detach_trunk=False, detach_head=False)
+@register_regime("policy", detach_trunk=False, detach_head=False, policy_term=True)
 def policy(ctx: MTPContext, k: int):
     """The head's log-prob of the sampled token in the same clipped policy loss, fixed lambda."""
-    return ctx.fixed_coef(), ctx.policy_loss(k)
+    lam = ctx.fixed_coef()
+    return lam, ctx.policy_loss(k, lam if ctx.by_advantage else None)
 
 
-@register_regime("occ", detach_trunk=False, detach_head=False, estimates_coef=True)
+@register_regime("occ", detach_trunk=False, detach_head=False, estimates_coef=True, policy_term=True)
 def occ(ctx: MTPContext, k: int):
     """Policy loss with lambda_t = lambda_plus * c_hat / (v2_hat + eps) from this mini-batch."""
+    if ctx.by_advantage:  # lambda first, then the loss with scaled advantages (the reference code)
+        lam = ctx.occ_coef(k)
+        return lam, ctx.policy_loss(k, lam)
     loss_k = ctx.policy_loss(k)
     return ctx.occ_coef(k, loss_k), loss_k
 
 
 @dataclass
 class MTPTerm:
-    """loss == (1/K) sum_k coefs[k] * losses[k] + extra (the learner's gradient assembly relies on it)."""
+    """loss == (1/K) sum_k weights[k] * losses[k] + extra (the learner's gradient assembly relies on
+    it); weights == coefs under lambda_apply=loss, 1 under lambda_apply=advantage (lambda is then
+    inside losses[k])."""
 
     loss: torch.Tensor  # added to the RL loss
-    coefs: list[float]
-    losses: list[torch.Tensor]  # un-scaled L_k, with graph (diagnostics differentiate these)
+    coefs: list[float]  # lambda_k as applied
+    losses: list[torch.Tensor]  # L_k, with graph (diagnostics differentiate these)
     extra: torch.Tensor | None = None  # head_ce * (1/K) sum_k detached CE_k (heads only), or None
+    weights: list[float] | None = None  # multipliers of losses[k] (None: coefs)
+
+    def __post_init__(self):
+        if self.weights is None:
+            self.weights = list(self.coefs)
 
 
 def mtp_term(regime: Regime, ctx: MTPContext) -> MTPTerm:
     K = len(ctx.out.logp_mtp)
-    coefs, losses = [], []
+    coefs, losses, weights = [], [], []
+    in_advantage = regime.policy_term and ctx.by_advantage
     total = ctx.out.logp_main.new_zeros(())
     for k in range(K):
         lam, lk = regime.term(ctx, k)
-        lam = lam.to(lk.device, lk.dtype)
-        total = total + lam * lk
+        w = torch.ones((), device=lk.device, dtype=lk.dtype) if in_advantage else lam.to(lk.device, lk.dtype)
+        total = total + w * lk
         coefs.append(float(lam))
+        weights.append(float(w))
         losses.append(lk)
     total = total / max(K, 1)
     extra = None
@@ -219,4 +247,4 @@ def mtp_term(regime: Regime, ctx: MTPContext) -> MTPTerm:
     if head_ce > 0 and K:
         extra = head_ce * sum(ctx.detached_ce(k) for k in range(K)) / K
         total = total + extra
-    return MTPTerm(total, coefs, losses, extra)
+    return MTPTerm(total, coefs, losses, extra, weights)

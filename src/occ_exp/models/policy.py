@@ -13,6 +13,11 @@ state at position P+j-1. The depth-k head scores the SAME token from its own hid
 position P+j-1-k (which saw the trunk state at P+j-1-k and the embeddings of tokens up to
 P+j-1). So `logp_mtp[k-1][b, j]` and `logp_main[b, j]` are log-probs of one token under two heads,
 which is what the policy/occ regimes and the acceptance metric compare.
+
+Temperature. `temperature` (set by the trainer to `algorithm.temperature`, which equals
+`rollout.temperature`) divides every head's logits before anything is computed from them, as the
+sampler does: logp_main (so logp_old), logp_mtp, and the logits the entropy, acceptance and
+soft-CE metrics read. At temperature 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class MTPPolicy(nn.Module):
         # catches it when `trunk_forward` asks (a hook registered per call would stop torch.compile).
         self._prenorm: dict[str, torch.Tensor | bool] = {}
         self.share_prompts = True  # see trunk_forward
+        self.temperature = 1.0  # logits are divided by it (the sampler's temperature; see the module docstring)
         # what the checkpoint it was loaded from called itself (model_type, auto_map, dtype, ...):
         # saving writes the same identity back (occ_exp.models.loading.save_policy)
         self.source_format: dict = {}
@@ -134,10 +140,13 @@ class MTPPolicy(nn.Module):
         """One pass through trunk and MTP layers (see `mtp_forward` for the detach flags)."""
         trunk = self.trunk_forward(input_ids, attention_mask, response_len)
         P, T = trunk.prompt_len, input_ids.shape[1]
-        logits_main = F.linear(trunk.hidden[:, P - 1 : T - 1], self.head_weight)
+        logits_main = self._tempered(F.linear(trunk.hidden[:, P - 1 : T - 1], self.head_weight))
         logp_main = token_logprobs(logits_main, trunk.targets)
         logits_mtp, logp_mtp = self.mtp_forward(trunk, detach_trunk, detach_head) if with_mtp else ([], [])
         return PolicyOutput(logp_main, logp_mtp, logits_main, logits_mtp, trunk)
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -210,7 +219,7 @@ class MTPPolicy(nn.Module):
             L = T - k  # positions 0..T-1-k hold (h^{k-1}_i, emb(t_{i+k}))
             rope = rotary(h_prev, trunk.position_ids[:, :L])
             h_k = layer(h_prev[:, :L], emb[:, k : k + L], causal_padding_mask(valid[:, :L]), rope)
-            logits = F.linear(h_k[:, P - 1 - k : T - 1 - k], w)
+            logits = self._tempered(F.linear(h_k[:, P - 1 - k : T - 1 - k], w))
             logits_all.append(logits)
             logp_all.append(token_logprobs(logits, trunk.targets))
             h_prev = h_k

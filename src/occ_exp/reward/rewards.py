@@ -4,6 +4,12 @@
 verifier's process pool, with a per-item timeout). `countdown` (the tiny task) additionally
 requires the boxed expression to use exactly the given numbers, so boxing the target itself
 earns nothing; the value check is still math-verify's.
+
+Both return the verifier's score (1 correct, 0 not): evaluation averages it as accuracy. The
+training reward is `scale_reward(score, reward.scale)`: `binary` keeps 1 / 0, `signed` gives
++1 / -1 as verl's DAPO reward manager does (the default of algorithm=dapo). Under GRPO's
+group normalisation the two give the same advantages up to adv_eps, until the overlong penalty
+is added: it is then measured against a gap of 2 between right and wrong, not 1.
 """
 
 from __future__ import annotations
@@ -63,6 +69,17 @@ class CountdownReward(MathReward):
 
 
 REWARDS = {"math": MathReward, "countdown": CountdownReward}
+REWARD_SCALES = ("binary", "signed")
+
+
+def scale_reward(scores: torch.Tensor, scale: str) -> torch.Tensor:
+    """The training reward of verifier scores in [0, 1]: `binary` as they are, `signed` 2*s - 1
+    (+1 correct, -1 wrong: verl's DAPO reward)."""
+    if scale == "binary":
+        return scores
+    if scale == "signed":
+        return 2.0 * scores - 1.0
+    raise ValueError(f"unknown reward.scale {scale!r}; choose one of {REWARD_SCALES}")
 
 
 def reward_kind(data_cfg) -> str:

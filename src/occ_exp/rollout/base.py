@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from occ_exp.distributed import pad_batch
+
 
 @dataclass
 class RolloutBatch:
@@ -74,6 +76,24 @@ class RolloutBatch:
             if v is not None:
                 setattr(self, name, v.to(device))
         return self
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of several batches in order, prompts left-padded and responses right-padded to the
+    widest; `prompt_index` renumbered so each part's prompts follow the previous part's; the last
+    part's engine stats."""
+    if len(batches) == 1:
+        return batches[0]
+    P, R = max(b.prompt_len for b in batches), max(b.response_len for b in batches)
+    parts = [pad_batch(b, P, R) for b in batches]
+    offset, index = 0, []
+    for b in parts:
+        index.append(b.prompt_index + offset)
+        offset += int(b.prompt_index.max()) + 1 if b.prompt_index.numel() else 0
+    rows = {n: (torch.cat([getattr(b, n) for b in parts]) if getattr(parts[0], n) is not None else None)
+            for n in RolloutBatch._ROWS if n != "prompt_index"}
+    return RolloutBatch(prompt_len=P, texts=[t for b in parts for t in b.texts], stats=dict(batches[-1].stats),
+                        prompt_index=torch.cat(index), **rows)
 
 
 class Rollout:

