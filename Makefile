@@ -6,7 +6,7 @@ JOBS ?= 2
 SEEDS ?=
 REPRO = $(PY) scripts/reproduce.py $(if $(filter 1,$(QUICK)),--quick) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability
+.PHONY: help setup test test-all train warmstart data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability
 
 help:
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,6 +30,9 @@ reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), 
 
 train: ## the default experiment (tiny model, regime=occ)
 	$(PY) -m occ_exp.train
+
+warmstart: ## regenerate the warm start shipped in src/occ_exp/assets/warmstart (default config; ~8 min idle)
+	$(PY) scripts/make_warmstart.py
 
 data: ## fetch the six benchmarks and DAPO-Math-17k into data/ (needs the network and pyarrow: pip install -e '.[data]')
 	$(PY) scripts/fetch_data.py --data-dir data

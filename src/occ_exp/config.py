@@ -100,7 +100,9 @@ class AlgorithmConfig:
     adv_eps: float = 1e-6
     num_mini_batches: int = 4  # optimiser steps per rollout batch
     ppo_epochs: int = 1
-    recompute_logp_old: bool = True  # learner forward for logp_old (else the sampler's log-probs)
+    # logp_old from a learner forward (true) or the sampler's log-probs (false); null: the sampler's
+    # where they are exact (rollout=hf at temperature 1: the same quantity up to float rounding), else recompute
+    recompute_logp_old: Optional[bool] = None
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
     overlong_penalty: float = 1.0
@@ -144,9 +146,9 @@ class RolloutConfig:
     max_new_tokens: int = 96
     batch_size: int = 0  # sequences per generate call (0 = all at once; rollout=hf)
     min_new_tokens: int = 0  # EOS is not sampled before this many tokens (benchmarks fix the work per step with it)
-    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode) instead of
-    # transformers.generate; `compile` also torch.compiles its decode step (implies static_cache).
-    static_cache: bool = False
+    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode; false:
+    # transformers.generate, the plain path); `compile` also torch.compiles its decode step.
+    static_cache: bool = True
     compile: bool = False
     # rollout=vllm (occ_exp.rollout.vllm)
     speculative: Optional[str] = None  # null | mtp: the policy's MTP layer drafts (synced every step)

@@ -39,7 +39,7 @@ from occ_exp.data.prompts import format_prompts
 from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
 from occ_exp.evaluate import Evaluator, Scorers, eval_metrics, write_eval
 from occ_exp.reward.rewards import reward_kind
-from occ_exp.rollout.base import RolloutBatch, build_rollout
+from occ_exp.rollout.base import RolloutBatch, build_rollout, recompute_logp_old_needed
 
 
 # -- small pieces -------------------------------------------------------------------------------
@@ -406,6 +406,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     # rollout=hf generates with the learner's own (sharded) module: gather it first
     generating = (lambda: D.full_params(policy, dist)) if getattr(rollout, "shares_learner_weights", False) \
         else contextlib.nullcontext
+    recompute_logp = recompute_logp_old_needed(a.recompute_logp_old, rollout)
     optimizer, scheduler = build_optimizer(cfg.optimizer, policy, regime)
     coef_states = [CoefficientState(cfg.regime.ema, cfg.regime.clip) for _ in range(policy.num_mtp_layers)]
     prompts = PromptStream(task, cfg.seed)
@@ -480,7 +481,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
             batch.rewards = rewards
             batch.advantages = ADVANTAGES[a.advantage](shaped, a.group_size, a.adv_eps)
         with timer("logp_old"):
-            if a.recompute_logp_old:
+            if recompute_logp:
                 batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches),
                                                     max_tokens=a.max_tokens_per_micro_batch, dist=dist)
                 diff = (batch.logp_old - batch.logp_sampler).abs()[batch.response_mask]

@@ -117,6 +117,13 @@ def build_rollout(cfg, policy, tokenizer, device) -> Rollout:
     return ROLLOUTS[cfg.name](cfg, policy, tokenizer, device)
 
 
+def recompute_logp_old_needed(setting: bool | None, rollout) -> bool:
+    """`algorithm.recompute_logp_old`: true / false as set; null (the default) recomputes unless
+    the engine says its sampler log-probs are the learner's own (`exact_logprobs`, e.g. rollout=hf
+    at temperature 1), where a second forward would give the same numbers up to float rounding."""
+    return setting if setting is not None else not getattr(rollout, "exact_logprobs", False)
+
+
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of tokens up to and including the first EOS, and rows that never produced one."""
     is_eos = tokens == eos_id
