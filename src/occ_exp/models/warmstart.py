@@ -101,6 +101,12 @@ def shipped_folder(key: str) -> Path | None:
     return folder if (folder / "report.json").is_file() else None
 
 
+def manifest(folder: Path) -> list[str]:
+    """`<sha256>  <path relative to folder>` for every file in `folder` but the manifest, by path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}" for p in files]
+
+
 def _load(policy, folder: Path, device, log, where: str) -> dict:
     loaded, _ = load_policy_folder(folder / "model", expected_config=policy.config, device=device)
     policy.load_state_dict(loaded.state_dict())
