@@ -135,7 +135,6 @@ class DataConfig:
     # File-backed data sets (e.g. data=dapo_math)
     path: Optional[str] = None
     prompt_template: str = "{problem}"
-    seed: int = 0
 
 
 @dataclass
