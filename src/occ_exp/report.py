@@ -240,3 +240,28 @@ def write_csv(table: list[dict], path: str | Path) -> None:
         w.writeheader()
         for r in table:
             w.writerow({k: (";".join(map(str, r[k])) if k == "acc_per_seed" else r.get(k)) for k in keys})
+
+
+def run_summary(run_dir: str | Path) -> list[str]:
+    """A few lines on one finished run for the end of `python -m occ_exp.train`: held-out accuracy
+    before (step 0) and after (the final evaluation), the applied lambda_t, the MTP head's
+    expected acceptance first and last, and the exact c and v2 where steps were diagnosed."""
+    run = load_run(run_dir)
+    rows = run.rows if run is not None else (read_metrics(Path(run_dir) / "metrics.jsonl")
+                                             if (Path(run_dir) / "metrics.jsonl").exists() else [])
+    evals = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    lines = []
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"held-out accuracy {first['eval/accuracy']:.3f} (step {first['step']}, n={first.get('eval/n')}) -> "
+                     f"{last['eval/accuracy']:.3f} (step {last['step']}, n={last.get('eval/n')})")
+    probe = run or Run(Path(run_dir), "", 0, 0.0, "", 0.0, None, None, rows)
+    coefs, accept = probe.values("mtp/coef"), probe.values("mtp/acceptance")
+    if coefs:
+        lines.append(f"lambda_t mean {np.mean(coefs):+.3g}, last {coefs[-1]:+.3g} ({len(coefs)} steps)")
+    if accept:
+        lines.append(f"MTP acceptance {accept[0]:.3f} -> {accept[-1]:.3f}")
+    corr, pen = probe.values("diag/corr"), probe.values("diag/penalty")
+    if corr and pen:
+        lines.append(f"exact c mean {np.mean(corr):+.3g}, v2 mean {np.mean(pen):.3g} ({len(corr)} diagnosed steps)")
+    return lines

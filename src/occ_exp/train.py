@@ -16,6 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from occ_exp.config import ConfigError, register_configs
+from occ_exp.plot import plot_dir
+from occ_exp.report import run_summary
 
 register_configs()
 
@@ -67,13 +69,16 @@ def main(cfg: DictConfig) -> dict | None:
     if summary["final/accuracy"] is None:  # trainer.total_steps=0 (e.g. only fill the warm-start cache)
         console.print("[bold green]done[/] no RL steps to run")
         return summary
-    console.print(
-        f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
-        f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}\n"
-        f"  metrics    {summary['metrics']}\n"
-        f"  checkpoint {summary['checkpoint']}\n"
-        f"  plots      python -m occ_exp.plot {run_dir}"
-    )
+    console.print(f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
+                  f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}")
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports
+        return summary
+    for line in run_summary(run_dir):
+        console.print(f"  {escape(line)}")
+    plots = plot_dir(run_dir)  # the figures of `python -m occ_exp.plot <run dir>`, in <run dir>/plots
+    console.print(f"  metrics    {summary['metrics']}\n"
+                  f"  checkpoint {summary['checkpoint']}\n"
+                  f"  plots      {run_dir / 'plots'} ({len(plots)} figures; python -m occ_exp.plot {run_dir})")
     return summary
 
 
