@@ -698,6 +698,8 @@ def report_default(res: dict) -> tuple[list[str], list[str]]:
     if ds or fr or ts:
         head.append(f"| `trl_over_default_step` (TRL's step over ours as shipped) | "
                     f"{verdict('trl_over_default_step', ds.get('trl_over_default_step', ds.get('error', 'not run')))} |")
+        if "trl_over_default_step_cpu" in ds:
+            head.append(f"| `trl_over_default_step` (CPU time) | {verdict('trl_over_default_step', ds['trl_over_default_step_cpu'])} |")
         head.append(f"| `first_rl_step_s` (cache empty / full) | "
                     f"{verdict('first_rl_step_s', fr.get('cache_empty', fr.get('error', 'not run')))} / "
                     f"{_num(fr.get('cache_full', 'not run'), '.1f')} s |")
