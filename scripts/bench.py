@@ -215,7 +215,8 @@ def run_trl(steps: int, warmup: int, threads: int, workdir: Path) -> dict:
     from occ_exp.data.tasks import Problem
     from occ_exp.models.loading import build_tiny_policy
     from occ_exp.reward.rewards import CountdownReward
-    from occ_exp.trainer import PromptStream, peak_rss_gib, reset_peak_rss
+    from occ_exp.data.prompts import PromptStream
+    from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
     cfg = compose(SAME_WORK)
     torch.set_num_threads(threads)
@@ -341,7 +342,7 @@ def memory(args, best: list[str], workdir: Path) -> dict:
 
 def memory_pass(path: str, threads: int, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="occ-bench-mem-") as tmp:
-        from occ_exp.trainer import peak_rss_gib, reset_peak_rss
+        from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
         reset_peak_rss()
         base = peak_rss_gib()
@@ -359,8 +360,8 @@ def fmt_phases(ph: dict) -> str:
 def learner_batch(policy, tok, cfg, rows: int, new_tokens: int, seed: int = 0):
     """A rollout batch of the learner's layout with exactly `new_tokens` sampled tokens per row."""
     from occ_exp.builders import build_task
-    from occ_exp.rollout.base import build_rollout
-    from occ_exp.trainer import PromptStream
+    from occ_exp.rollout import build_rollout
+    from occ_exp.data.prompts import PromptStream
 
     from omegaconf import OmegaConf
 
@@ -380,7 +381,7 @@ def learner_batch(policy, tok, cfg, rows: int, new_tokens: int, seed: int = 0):
 def time_learner(variants: dict, batch, cfg_of, reps: int) -> dict:
     """Median learner_update time per variant on the same batch, variants interleaved per repetition.
     variants: name -> (policy, optimizer, scheduler, regime, coef_states, extra kwargs)."""
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import learner_update
 
     times = {k: [] for k in variants}
     for rep in range(reps + 1):  # the first repetition warms up
@@ -398,7 +399,7 @@ def make_learner(cfg, base_policy, regime_name):
 
     from occ_exp.algo.coefficient import CoefficientState
     from occ_exp.algo.regimes import get_regime
-    from occ_exp.trainer import build_optimizer
+    from occ_exp.learner import build_optimizer
 
     policy = copy.deepcopy(base_policy)
     regime = get_regime(regime_name)
@@ -411,7 +412,7 @@ def mtp_cost(args) -> dict:
     """occ over detach, and a step with exact diagnostics over a plain one: learner_update on one
     batch, eager, the paper's 4 mini-batches (occ's lambda is 0 with a single one)."""
     from occ_exp.models.loading import build_tiny_policy
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import learner_update
 
     torch.set_num_threads(args.threads)
     over = SAME_WORK + ["algorithm.num_mini_batches=4", f"trainer.threads={args.threads}"]
@@ -536,7 +537,8 @@ def vllm_over_hf(args) -> dict:
         return {"vllm_over_hf_rollout": NA, "summary": f"vllm_over_hf_rollout: {NA}"}
     from omegaconf import OmegaConf
 
-    from occ_exp.rollout.base import build_rollout, sampling
+    from occ_exp.rollout import build_rollout
+    from occ_exp.rollout.base import sampling
 
     torch.set_num_threads(args.threads)
     n_prompts, n, new = (64, 4, 128) if not args.quick else (16, 4, 32)
@@ -646,7 +648,7 @@ def first_rl_step(args, workdir: Path) -> dict:
     loads) and with the entry in the cache; TRL and torch import times included, as a user sees them."""
     import shutil
 
-    from occ_exp.models.warmstart import cache_key, shipped_folder
+    from occ_exp.warmstart import cache_key, shipped_folder
 
     cfg = compose([])
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regenerate the warm start shipped with the package (`make warmstart`).
 
-Trains the default configuration's warm start (occ_exp.models.warmstart, never the shipped copy)
+Trains the default configuration's warm start (occ_exp.warmstart, never the shipped copy)
 in a cache folder, then copies its weights, tokenizer and report into
 `src/occ_exp/assets/warmstart/<key>/` with a MANIFEST of sha256 hashes, and removes the folders of
 other keys. `--from-cache DIR` copies an already trained cache entry (`DIR/warmstart/<key>/`)
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's code, whatever else is 
 
 import torch  # noqa: E402
 
-from occ_exp.models.warmstart import MANIFEST, SHIPPED_DIR, cache_key, manifest, warm_start  # noqa: E402
+from occ_exp.warmstart import MANIFEST, SHIPPED_DIR, cache_key, manifest, warm_start  # noqa: E402
 
 
 def compose_default(overrides: list[str]):

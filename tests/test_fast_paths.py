@@ -14,7 +14,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from occ_exp.rollout.decode import StaticDecoder, top_p_filter
 from occ_exp.rollout.hf import HFRollout
-from occ_exp.trainer import recompute_logp_old
+from occ_exp.learner import recompute_logp_old
 from tests.conftest import compose_cfg
 
 PROMPTS = ["Make 12 with 5 9 8.\n", "Make 100 with 10 10.\n", "Hi\n", "Make 7 with 1 2 3 4 5 6 7 8 9.\n"]
@@ -56,14 +56,14 @@ def test_sampler_logprobs_equal_the_learners(tiny_policy, temperature):
 def test_default_takes_logp_old_from_the_sampler_where_exact(tiny_policy):
     """algorithm.recompute_logp_old=null (the default): the sampler's log-probs at temperature 1 on
     rollout=hf, a learner forward otherwise; true / false as set."""
-    from occ_exp.rollout.base import recompute_logp_old_needed
+    from occ_exp.rollout.base import Rollout, recompute_logp_old_needed
 
     policy, tok = tiny_policy
     cfg = compose_cfg([])
     assert cfg.algorithm.recompute_logp_old is None and cfg.rollout.static_cache
     assert not recompute_logp_old_needed(None, engine(policy, tok))
     assert recompute_logp_old_needed(None, engine(policy, tok, temperature=0.7))
-    assert recompute_logp_old_needed(None, object())  # an engine that does not say (e.g. vLLM)
+    assert recompute_logp_old_needed(None, Rollout())  # an engine that does not say (e.g. vLLM)
     assert recompute_logp_old_needed(True, engine(policy, tok))
     assert not recompute_logp_old_needed(False, engine(policy, tok, temperature=0.7))
 
@@ -156,7 +156,7 @@ def test_compiled_learner_equals_eager(tiny_policy):
     """model.compile: the same parameters after two occ updates (2 mini-batches) as the eager learner."""
     from occ_exp.algo.coefficient import CoefficientState
     from occ_exp.algo.regimes import get_regime
-    from occ_exp.trainer import build_optimizer, learner_update
+    from occ_exp.learner import build_optimizer, learner_update
 
     policy, tok = tiny_policy
     cfg = compose_cfg(["regime=occ", "algorithm.group_size=4", "data.prompts_per_step=4", "algorithm.num_mini_batches=2"])

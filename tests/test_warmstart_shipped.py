@@ -16,7 +16,7 @@ import torch
 
 from occ_exp.builders import build_task
 from occ_exp.models.loading import build_tiny_policy, load_policy_folder
-from occ_exp.models.warmstart import MANIFEST, SHIPPED_DIR, cache_key, evaluate_samples, manifest, shipped_folder, warm_start
+from occ_exp.warmstart import MANIFEST, SHIPPED_DIR, cache_key, evaluate_samples, manifest, shipped_folder, warm_start
 from occ_exp.reward.rewards import build_reward
 from tests.conftest import compose_cfg
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+import torch.distributed as dist
+
 
 class GracefulStop:
     """Turn SIGTERM into a flag for the duration of a `with` block (previous handler restored on
@@ -45,12 +48,8 @@ class GracefulStop:
     def should_stop(self) -> bool:
         """The flag, agreed by all ranks when torch.distributed is initialised (any rank's signal
         stops every rank after the same step, so none waits in a collective for the others)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
-        import torch
-
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -8,52 +8,40 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.markup import escape
 
-from occ_exp.config import ConfigError, register_configs
-from occ_exp.plot import plot_dir
-from occ_exp.report import run_summary
+from occ_exp.config import CONF_DIR, ConfigError, absolute_paths, register_configs
+from occ_exp.data.jsonl import DataError
+from occ_exp.learner import NonFiniteError
+from occ_exp.models.loading import CheckpointError
+from occ_exp.plan import check_resources, print_plan
+from occ_exp.tracking import run_summary
+from occ_exp.trainer import train
 
 register_configs()
 
 _ERROR_KIND = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data"}
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def _abs_paths(cfg: DictConfig) -> None:
-    """Relative paths in the config are relative to where the user launched the command."""
-    base = hydra.utils.get_original_cwd()
-    for key in ("cache_dir", "data_dir"):
-        v = cfg.paths[key]
-        if v and not os.path.isabs(v):
-            cfg.paths[key] = os.path.join(base, v)
-    if cfg.model.path and not os.path.isabs(cfg.model.path) and os.path.exists(os.path.join(base, cfg.model.path)):
-        cfg.model.path = os.path.join(base, cfg.model.path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    from occ_exp.data.jsonl import DataError
-    from occ_exp.models.loading import CheckpointError
-    from occ_exp.trainer import NonFiniteError, train
-
     console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks
-    _abs_paths(cfg)
+    absolute_paths(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.trainer.dry_run:
-            from occ_exp.plan import print_plan
-
             print_plan(cfg, console)
             return None
+        if (problem := check_resources(cfg)) is not None:  # too few GPUs: say so before loading weights
+            raise ConfigError(problem)
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
     except (ConfigError, CheckpointError, DataError) as e:  # bad input: one line, before work starts
@@ -73,12 +61,14 @@ def main(cfg: DictConfig) -> dict | None:
                   f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}")
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports
         return summary
-    for line in run_summary(run_dir):
+    for line in run_summary(summary["metrics"]):
         console.print(f"  {escape(line)}")
-    plots = plot_dir(run_dir)  # the figures of `python -m occ_exp.plot <run dir>`, in <run dir>/plots
+    # the plot command itself (entry points do not import each other): its figures go to <run dir>/plots
+    plot = subprocess.run([sys.executable, "-m", "occ_exp.plot", str(run_dir)], capture_output=True, text=True)
+    figures = len(plot.stdout.split()) if plot.returncode == 0 else 0
     console.print(f"  metrics    {summary['metrics']}\n"
                   f"  checkpoint {summary['checkpoint']}\n"
-                  f"  plots      {run_dir / 'plots'} ({len(plots)} figures; python -m occ_exp.plot {run_dir})")
+                  f"  plots      {run_dir / 'plots'} ({figures} figures; python -m occ_exp.plot {run_dir})")
     return summary
 
 

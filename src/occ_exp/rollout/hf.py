@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from occ_exp.rollout.base import RolloutBatch, register_rollout, response_mask_from_tokens
+from occ_exp.rollout.base import Rollout, RolloutBatch, register_rollout, response_mask_from_tokens
+from occ_exp.rollout.decode import StaticDecoder
 
 
 @register_rollout("hf")
-class HFRollout:
+class HFRollout(Rollout):
     shares_learner_weights = True  # generate runs the learner's module (an FSDP2 learner gathers it first)
 
     def __init__(self, cfg, policy, tokenizer, device):
@@ -39,8 +40,6 @@ class HFRollout:
         tok, cfg = self.tokenizer, self.cfg
         min_new = min(getattr(cfg, "min_new_tokens", 0), max_new)
         if getattr(cfg, "static_cache", False):
-            from occ_exp.rollout.decode import StaticDecoder
-
             if self._static is None or self._static.lm is not self.policy.lm:
                 self._static = StaticDecoder(self.policy.lm, compile=getattr(cfg, "compile", False))
             return self._static.generate(input_ids, attn, max_new, greedy=greedy, temperature=cfg.temperature,
@@ -79,11 +78,7 @@ class HFRollout:
         """The sampler's log-probs equal the learner's recomputation of logp_old (temperature 1)."""
         return float(self.cfg.temperature) == 1.0
 
-    def sync_weights(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    # sync_weights and close: Rollout's no-ops (the module is the learner's own)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> RolloutBatch:

@@ -1,0 +1,6 @@
+"""Errors shared across layers (plumbing): each carries a one-line message that says what was
+wrong and what to do; the entry points print it without a traceback."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message says which key and what to do."""
