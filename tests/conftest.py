@@ -20,7 +20,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
+# pytest-xdist (make test: -n 2): the cores are split between the workers, and the subprocesses a
+# test starts (the CLI, torchrun) inherit the worker's share through OMP_NUM_THREADS
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1) // _workers)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 register_configs()
 
 
@@ -33,8 +37,16 @@ def compose_cfg(overrides: list[str] | None = None, config_name: str = "config",
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One warm-start cache for the whole test session."""
-    return tmp_path_factory.mktemp("occ_cache")
+    """One warm-start cache for the whole test session, shared by pytest-xdist's workers (each
+    worker's base temp is a folder of the run's own): the warm start's file lock lets one worker
+    train an entry while the others wait and reuse it. The default configuration's warm start is
+    the one shipped with the package (occ_exp/assets/warmstart), loaded on a cache miss."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / "occ_cache"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture

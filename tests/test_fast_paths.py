@@ -1,5 +1,6 @@
-"""The fast paths: the static-cache decode loop (rollout.static_cache / rollout.compile) samples what
-transformers.generate samples and records exact log-probs; the compiled learner takes the eager
+"""The fast paths, the defaults: the static-cache decode loop (rollout.static_cache / rollout.compile)
+samples what transformers.generate (the plain path, rollout.static_cache=false) samples and records
+exact log-probs, so the sampler's log-probs serve as logp_old; the compiled learner takes the eager
 learner's steps. (Timing lives in scripts/bench.py, not here.)"""
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def engine(policy, tok, **kw) -> HFRollout:
 def test_greedy_equals_generate(tiny_policy):
     """Same tokens as transformers.generate (prompts of different widths: left padding), same log-probs."""
     policy, tok = tiny_policy
-    ref = engine(policy, tok).generate(PROMPTS, 2, greedy=True)
-    fast = engine(policy, tok, static_cache=True).generate(PROMPTS, 2, greedy=True)
+    ref = engine(policy, tok, static_cache=False).generate(PROMPTS, 2, greedy=True)
+    fast = engine(policy, tok).generate(PROMPTS, 2, greedy=True)  # the default: static_cache=true
     assert torch.equal(fast.input_ids, ref.input_ids)
     assert torch.equal(fast.response_mask, ref.response_mask)
     assert torch.allclose(fast.logp_sampler, ref.logp_sampler, atol=1e-5)
@@ -54,6 +55,21 @@ def test_sampler_logprobs_equal_the_learners(tiny_policy, temperature):
     if temperature != 1.0:
         untempered = recompute_logp_old(policy, b, chunk=8)
         assert (untempered - b.logp_sampler).abs()[b.response_mask].mean() > 1e-2
+
+
+def test_default_takes_logp_old_from_the_sampler_where_exact(tiny_policy):
+    """algorithm.recompute_logp_old=null (the default): the sampler's log-probs at temperature 1 on
+    rollout=hf, a learner forward otherwise; true / false as set."""
+    from occ_exp.rollout.base import Rollout, recompute_logp_old_needed
+
+    policy, tok = tiny_policy
+    cfg = compose_cfg([])
+    assert cfg.algorithm.recompute_logp_old is None and cfg.rollout.static_cache
+    assert not recompute_logp_old_needed(None, engine(policy, tok))
+    assert recompute_logp_old_needed(None, engine(policy, tok, temperature=0.7))
+    assert recompute_logp_old_needed(None, Rollout())  # an engine that does not say (e.g. vLLM)
+    assert recompute_logp_old_needed(True, engine(policy, tok))
+    assert not recompute_logp_old_needed(False, engine(policy, tok, temperature=0.7))
 
 
 def test_sampling_follows_the_distribution(tiny_policy):
@@ -122,7 +138,7 @@ def test_weights_updated_in_place_are_seen(tiny_policy):
         for prm in policy.lm.parameters():
             prm.add_(0.2 * torch.randn_like(prm))
     b = ro.generate(PROMPTS, 1, greedy=True)
-    ref = engine(policy, tok).generate(PROMPTS, 1, greedy=True)
+    ref = engine(policy, tok, static_cache=False).generate(PROMPTS, 1, greedy=True)
     assert not torch.equal(a.input_ids, b.input_ids) and torch.equal(b.input_ids, ref.input_ids)
 
 

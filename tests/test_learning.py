@@ -1,6 +1,8 @@
 """The loop learns: a short RL run of the default tiny model raises held-out accuracy above its
 warm start (sampled accuracy at temperature 1, the quantity RL optimises; the paper's metric is
-avg@k of sampled answers too)."""
+avg@k of sampled answers too). It starts from the warm start shipped with the package (the
+default key; nothing is trained before RL) and runs the default fast path (static-cache decoding,
+the sampler's log-probs as logp_old)."""
 
 import json
 

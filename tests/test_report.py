@@ -353,3 +353,20 @@ def test_reproduce_plan_counts_what_is_left(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| occ_exact λ=1 | 2 | 20 | 3.00 (measured) | 60 |" in out
     assert "| occ_reference λ=1 | 2 | 40 |" in out and "(measured, all regimes)" in out
+
+
+def test_run_summary_lines(tmp_path):
+    """What `python -m occ_exp.train` prints when a run ends: accuracy before -> after, lambda_t,
+    acceptance, and exact c / v2 only where steps were diagnosed."""
+    from occ_exp.tracking import run_summary
+
+    rows = [{"step": 0, "eval/accuracy": 0.25, "eval/n": 16},
+            {"step": 1, "mtp/coef": 0.01, "mtp/acceptance": 0.5},
+            {"step": 2, "mtp/coef": 0.03, "mtp/acceptance": 0.6, "eval/accuracy": 0.5, "eval/n": 32}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = run_summary(tmp_path / "metrics.jsonl")
+    assert lines == ["held-out accuracy 0.250 (step 0, n=16) -> 0.500 (step 2, n=32)",
+                     "lambda_t mean +0.02, last +0.03 (2 steps)", "MTP acceptance 0.500 -> 0.600"]
+    rows[2].update({"diag/corr": 0.002, "diag/penalty": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_summary(tmp_path / "metrics.jsonl")[-1] == "exact c mean +0.002, v2 mean 0.5 (1 diagnosed steps)"

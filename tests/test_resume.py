@@ -99,8 +99,22 @@ def assert_same_state(a: Path, b: Path) -> None:
 def straight(tmp_path_factory, cache_dir) -> Path:
     """One uninterrupted run of N steps (it also trains the shared warm start if needed)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    run_cli(run_dir, cache_dir)
+    p = run_cli(run_dir, cache_dir)
+    CLI_OUTPUT[run_dir] = p.stdout + p.stderr
     return run_dir
+
+
+CLI_OUTPUT: dict[Path, str] = {}  # what the straight run printed
+
+
+def test_finished_run_prints_a_summary_and_writes_its_figures(straight):
+    """The end of `python -m occ_exp.train`: accuracy before -> after, lambda_t, acceptance, and the
+    figures of `python -m occ_exp.plot` in <run dir>/plots."""
+    out = CLI_OUTPUT[straight]
+    figures = {p.name for p in (straight / "plots").glob("*.png")}
+    assert figures >= {"lambda.png", "reward.png", "accuracy.png", "acceptance.png"}
+    for what in ("held-out accuracy", "(step 0, n=16) ->", "lambda_t mean", "MTP acceptance", f"{len(figures)} figures"):
+        assert what in out, (what, out[-2000:])
 
 
 def test_straight_run_is_not_trivial(straight):

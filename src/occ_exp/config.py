@@ -106,7 +106,9 @@ class AlgorithmConfig:
     adv_eps: float = 1e-6
     num_mini_batches: int = 4  # optimiser steps per rollout batch
     ppo_epochs: int = 1
-    recompute_logp_old: bool = True  # learner forward for logp_old (else the sampler's log-probs)
+    # logp_old from a learner forward (true) or the sampler's log-probs (false); null: the sampler's
+    # where they are exact (rollout=hf at temperature 1: the same quantity up to float rounding), else recompute
+    recompute_logp_old: Optional[bool] = None
     # DAPO's dynamic sampling: generate in batches of data.gen_batch_size prompts, keep the groups
     # whose `filter_metric` varies (std > 0), until data.prompts_per_step groups are kept or
     # max_num_gen_batches batches were generated (then train on what was kept)
@@ -158,9 +160,9 @@ class RolloutConfig:
     max_new_tokens: int = 96
     batch_size: int = 0  # sequences per generate call (0 = all at once; rollout=hf)
     min_new_tokens: int = 0  # EOS is not sampled before this many tokens (benchmarks fix the work per step with it)
-    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode) instead of
-    # transformers.generate; `compile` also torch.compiles its decode step (implies static_cache).
-    static_cache: bool = False
+    # rollout=hf: a static KV cache and a fixed-shape decode loop (occ_exp.rollout.decode; false:
+    # transformers.generate, the plain path); `compile` also torch.compiles its decode step.
+    static_cache: bool = True
     compile: bool = False
     # rollout=vllm (occ_exp.rollout.vllm)
     speculative: Optional[str] = None  # null | mtp: the policy's MTP layer drafts (synced every step)

@@ -279,11 +279,12 @@ def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int 
     return logp.masked_fill(~batch.response_mask, 0.0)
 
 
-def set_logp_old(policy, batch: RolloutBatch, cfg, dist) -> dict:
-    """batch.logp_old: the learner's own log-probs (algorithm.recompute_logp_old) or the sampler's;
-    returns the learner-vs-sampler gap as metrics."""
+def set_logp_old(policy, batch: RolloutBatch, cfg, dist, recompute: bool) -> dict:
+    """batch.logp_old: the learner's own log-probs (`recompute`: algorithm.recompute_logp_old as
+    resolved by occ_exp.rollout.base.recompute_logp_old_needed) or the sampler's; returns the
+    learner-vs-sampler gap as metrics."""
     a = cfg.algorithm
-    if not a.recompute_logp_old:
+    if not recompute:
         batch.logp_old = batch.logp_sampler
         return {}
     batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches),

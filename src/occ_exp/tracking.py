@@ -106,3 +106,30 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             if line:
                 rows.append(json.loads(line))
     return rows
+
+
+def run_summary(metrics_path: str | os.PathLike) -> list[str]:
+    """A few lines on one finished run for the end of `python -m occ_exp.train`: held-out accuracy
+    before (the first evaluation, step 0) and after (the final one), the applied lambda_t, the MTP
+    head's expected acceptance first and last, and the exact c and v2 where steps were diagnosed."""
+    rows = read_metrics(metrics_path)
+
+    def values(key: str) -> list[float]:
+        return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    evals = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    lines = []
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"held-out accuracy {first['eval/accuracy']:.3f} (step {first['step']}, n={first.get('eval/n')}) -> "
+                     f"{last['eval/accuracy']:.3f} (step {last['step']}, n={last.get('eval/n')})")
+    coefs, accept = values("mtp/coef"), values("mtp/acceptance")
+    if coefs:
+        lines.append(f"lambda_t mean {sum(coefs) / len(coefs):+.3g}, last {coefs[-1]:+.3g} ({len(coefs)} steps)")
+    if accept:
+        lines.append(f"MTP acceptance {accept[0]:.3f} -> {accept[-1]:.3f}")
+    corr, pen = values("diag/corr"), values("diag/penalty")
+    if corr and pen:
+        lines.append(f"exact c mean {sum(corr) / len(corr):+.3g}, v2 mean {sum(pen) / len(pen):.3g} "
+                     f"({len(corr)} diagnosed steps)")
+    return lines

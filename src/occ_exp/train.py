@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from occ_exp.learner import NonFiniteError
 from occ_exp.models.loading import CheckpointError
 from occ_exp.plan import check_resources, print_plan
 from occ_exp.rollout.dynamic_sampling import NoInformativeGroups
+from occ_exp.tracking import run_summary
 from occ_exp.trainer import train
 
 register_configs()
@@ -59,13 +61,18 @@ def main(cfg: DictConfig) -> dict | None:
     if summary["final/accuracy"] is None:  # trainer.total_steps=0 (e.g. only fill the warm-start cache)
         console.print("[bold green]done[/] no RL steps to run")
         return summary
-    console.print(
-        f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
-        f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}\n"
-        f"  metrics    {summary['metrics']}\n"
-        f"  checkpoint {summary['checkpoint']}\n"
-        f"  plots      python -m occ_exp.plot {run_dir}"
-    )
+    console.print(f"[bold green]done[/] final held-out accuracy {summary['final/accuracy']:.3f} "
+                  f"(n={summary['final/n']}), MTP acceptance {summary['final/acceptance']:.3f}")
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports
+        return summary
+    for line in run_summary(summary["metrics"]):
+        console.print(f"  {escape(line)}")
+    # the plot command itself (entry points do not import each other): its figures go to <run dir>/plots
+    plot = subprocess.run([sys.executable, "-m", "occ_exp.plot", str(run_dir)], capture_output=True, text=True)
+    figures = len(plot.stdout.split()) if plot.returncode == 0 else 0
+    console.print(f"  metrics    {summary['metrics']}\n"
+                  f"  checkpoint {summary['checkpoint']}\n"
+                  f"  plots      {run_dir / 'plots'} ({figures} figures; python -m occ_exp.plot {run_dir})")
     return summary
 
 

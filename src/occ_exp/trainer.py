@@ -46,7 +46,7 @@ from occ_exp.models.loading import save_policy
 from occ_exp.preemption import GracefulStop
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout import build_rollout
-from occ_exp.rollout.base import Rollout
+from occ_exp.rollout.base import Rollout, recompute_logp_old_needed
 from occ_exp.rollout.dynamic_sampling import GroupFilter, group_multiple
 from occ_exp.runtime import PhaseTimer, seed_everything, set_threads
 from occ_exp.tracking import Tracker
@@ -227,7 +227,8 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("advantage"):
         compute_advantages(batch, batch.rewards, cfg)
     with timer("logp_old"):
-        stats.update(set_logp_old(run.policy, batch, cfg, dist))
+        stats.update(set_logp_old(run.policy, batch, cfg, dist,
+                                  recompute=recompute_logp_old_needed(a.recompute_logp_old, run.rollout)))
     if dist.world_size > 1:  # every rank now holds the whole step's batch (advantages already per group)
         with timer("gather"):
             batch, stats = dist.gather_rollouts(batch, n_prompts), dist.mean_dict(stats)

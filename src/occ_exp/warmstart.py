@@ -6,6 +6,11 @@ It trains on fresh problems every step (no data set to overfit), with a cosine s
 its end (the plateau, not mid-rise), records the held-out accuracy along the way, and caches the
 result under `<cache_dir>/warmstart/<key>/`, keyed by everything that shapes it (architecture,
 K, task, warm-start settings). Concurrent runs (a multirun) wait on a file lock and reuse it.
+
+The default configuration's warm start ships with the package (`occ_exp/assets/warmstart/<key>/`:
+its weights, tokenizer, report and a MANIFEST of file hashes; `make warmstart` regenerates it with
+`scripts/make_warmstart.py`), so a first run starts RL at once. It is used when the cache misses
+and the key matches; any other recipe, architecture or task has another key and trains as before.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
 from occ_exp.rollout.hf import HFRollout
 
 CACHE_VERSION = 2  # bump when the warm-start recipe changes (2: MTP reads the pre-norm trunk state)
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "warmstart"  # package data, one folder per key
+MANIFEST = "MANIFEST.sha256"  # `<sha256>  <relative path>` per shipped file (sha256sum's format)
 
 
 def cache_key(model_cfg, data_cfg) -> str:
@@ -77,7 +84,8 @@ def sft_loss(policy, ids, attn, R, mtp_weight: float, detach_mtp: bool = False):
 def evaluate_samples(policy, tokenizer, task, reward_fn, n: int, device, seed: int = 0, max_new_tokens: int = 96) -> dict:
     """Held-out accuracy greedy and at temperature 1 (one sample per problem)."""
     problems = task.problems(n, seed=seed, split="test")
-    ro = HFRollout(RolloutConfig(max_new_tokens=max_new_tokens), policy, tokenizer, device)
+    # transformers.generate, the plain decoder: the shipped report's numbers were measured with it
+    ro = HFRollout(RolloutConfig(max_new_tokens=max_new_tokens, static_cache=False), policy, tokenizer, device)
     res = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -88,20 +96,41 @@ def evaluate_samples(policy, tokenizer, task, reward_fn, n: int, device, seed: i
     return res
 
 
-def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, reward_fn, log=print) -> dict:
-    """Train (or load from cache) the warm start into `policy` in place; returns its report."""
+def shipped_folder(key: str) -> Path | None:
+    """The warm start shipped with the package under this key, if there is one."""
+    folder = SHIPPED_DIR / key
+    return folder if (folder / "report.json").is_file() else None
+
+
+def manifest(folder: Path) -> list[str]:
+    """`<sha256>  <path relative to folder>` for every file in `folder` but the manifest, by path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}" for p in files]
+
+
+def _load(policy, folder: Path, device, log, where: str) -> dict:
+    loaded, _ = load_policy_folder(folder / "model", expected_config=policy.config, device=device)
+    policy.load_state_dict(loaded.state_dict())
+    report = json.loads((folder / "report.json").read_text())
+    log(f"warm start: {where} {folder} (held-out acc greedy {report['final']['acc_greedy']:.3f}, "
+        f"T=1 {report['final']['acc_t1']:.3f})")
+    return report
+
+
+def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, reward_fn, log=print,
+               use_shipped: bool = True) -> dict:
+    """Load the warm start into `policy` in place from the cache, else from the package's shipped
+    copy (same key; `use_shipped=False` skips it), else train and cache it; returns its report."""
     ws = model_cfg.warmstart
     key = cache_key(model_cfg, data_cfg)
     folder = Path(cache_dir) / "warmstart" / key
     report_path = folder / "report.json"
     with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock"):
         if report_path.exists():
-            loaded, _ = load_policy_folder(folder / "model", expected_config=policy.config, device=device)
-            policy.load_state_dict(loaded.state_dict())
-            report = json.loads(report_path.read_text())
-            log(f"warm start: reusing {folder} (held-out acc greedy {report['final']['acc_greedy']:.3f}, "
-                f"T=1 {report['final']['acc_t1']:.3f})")
-            return report
+            return _load(policy, folder, device, log, "reusing")
+        shipped = shipped_folder(key) if use_shipped else None
+        if shipped is not None:
+            return _load(policy, shipped, device, log, "shipped with the package,")
         report = _train(policy, tokenizer, task, ws, device, reward_fn, log)
         report["key"] = key
         save_policy(policy, tokenizer, folder / "model")

@@ -102,6 +102,9 @@ class Rollout:
     cfg: object  # the rollout config; temperature, top_p, max_new_tokens are read at each generate
     # True: generate runs the learner's own module (an FSDP2 learner gathers its weights first)
     shares_learner_weights: bool = False
+    # True: the sampler's log-probs are the learner's own recomputation of logp_old (up to float
+    # rounding), so algorithm.recompute_logp_old=null skips that forward (see recompute_logp_old_needed)
+    exact_logprobs: bool = False
 
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False,
                  max_new_tokens: int | None = None) -> RolloutBatch:
@@ -143,6 +146,13 @@ def sampling(rollout, **overrides):
         yield rollout
     finally:
         rollout.cfg = old
+
+
+def recompute_logp_old_needed(setting: bool | None, rollout: Rollout) -> bool:
+    """`algorithm.recompute_logp_old`: true / false as set; null (the default) recomputes unless
+    the engine says its sampler log-probs are the learner's own (`exact_logprobs`, e.g. rollout=hf
+    at temperature 1), where a second forward would give the same numbers up to float rounding."""
+    return setting if setting is not None else not rollout.exact_logprobs
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,16 @@ The sampler shares the learner's module, so weights are always current (sync_wei
 no-op). Sampling is from the full distribution at `rollout.temperature` (no top-k; top-p as
 configured), and the sampler's per-token log-probs are those of that distribution (float32).
 
-Two decoders: `transformers.generate` with its dynamic KV cache (the default), or, with
-`rollout.static_cache=true`, the static-cache decode loop of occ_exp.rollout.decode, whose
-decode step `rollout.compile=true` compiles with torch.compile (several times faster on small
-models, where generate's per-token Python work dominates)."""
+Two decoders: the static-cache decode loop of occ_exp.rollout.decode (`rollout.static_cache=true`,
+the default), whose decode step `rollout.compile=true` compiles with torch.compile (several times
+faster on small models, where generate's per-token Python work dominates), or, with
+`rollout.static_cache=false`, `transformers.generate` with its dynamic KV cache (the plain path;
+`rollout.compile` does not apply to it). tests/test_fast_paths.py checks that both sample the same
+tokens greedily and record the same log-probs.
+
+The recorded log-probs are log softmax(logits / temperature): at temperature 1 they are the
+learner's own log-probs of the sampled tokens up to float rounding (`exact_logprobs`), so the
+trainer uses them as logp_old without a second forward (`algorithm.recompute_logp_old=null`)."""
 
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ class HFRollout(Rollout):
         (in runs of `group` copies of one prompt)."""
         tok, cfg = self.tokenizer, self.cfg
         min_new = min(getattr(cfg, "min_new_tokens", 0), max_new)
-        if getattr(cfg, "static_cache", False) or getattr(cfg, "compile", False):
+        if getattr(cfg, "static_cache", False):
             if self._static is None or self._static.lm is not self.policy.lm:
                 self._static = StaticDecoder(self.policy.lm, compile=getattr(cfg, "compile", False))
             return self._static.generate(input_ids, attn, max_new, greedy=greedy, temperature=cfg.temperature,
@@ -66,6 +72,11 @@ class HFRollout(Rollout):
                 step = step / cfg.temperature
             logps.append(step.log_softmax(-1).gather(-1, gen[:, i : i + 1]).squeeze(-1))
         return gen, torch.stack(logps, dim=1)
+
+    @property
+    def exact_logprobs(self) -> bool:
+        """The sampler's log-probs equal the learner's recomputation of logp_old (temperature 1)."""
+        return float(self.cfg.temperature) == 1.0
 
     # sync_weights and close: Rollout's no-ops (the module is the learner's own)
 
