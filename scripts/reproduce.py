@@ -35,6 +35,7 @@ from occ_exp.report import (  # noqa: E402
     PAPER_TABLE1, PAPER_TABLE2_NOTE, collect_runs, mechanism_markdown, ordering_verdict, regime_table, table_markdown,
     write_csv,
 )
+from occ_exp.threads import JOBS_ENV  # noqa: E402
 
 REGIMES = ["detach", "ce", "policy", "occ"]
 TABLE2_LAMBDAS = [0.1, 0.2, 0.5, 1.0]
@@ -81,7 +82,8 @@ def multirun(name: str, sweep: list[str], quick: bool, jobs: int, steps: int | N
         return out
     if steps:  # a shorter (or longer) run than the experiment's, in its own folder
         sweep = [*sweep, f"trainer.total_steps={steps}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           JOBS_ENV: str(jobs)}  # the runs' thread policy divides the cores among the jobs (occ_exp.threads)
     t0 = time.time()
     sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(quick)}", *sweep,
         "hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}"], env=env)

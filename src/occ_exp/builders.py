@@ -32,7 +32,7 @@ def build_task(data_cfg):
     if data_cfg.path:
         from occ_exp.data.benchmarks import MathDataset
 
-        return MathDataset(data_cfg.path, data_cfg.prompt_template)
+        return MathDataset(data_cfg.path, data_cfg.prompt_template, data_cfg.max_row_chars)
     raise ValueError(f"data={data_cfg.name!r} has no data.path; choose data=tiny or data=dapo_math, or set data.path")
 
 

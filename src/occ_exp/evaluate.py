@@ -37,7 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from occ_exp.config import ConfigError, register_configs
 from occ_exp.data.benchmarks import BENCHMARKS, Benchmark, DataError, load_benchmarks
 from occ_exp.data.prompts import format_prompts
+from occ_exp.models.loading import read_config_json
 from occ_exp.reward.verifier import extract_answer
+from occ_exp.threads import apply_threads
 
 register_configs()
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -314,14 +316,11 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
         cfg.model.path = resolve_model_path(cfg.model.path)
         saved = Path(cfg.model.path) / "config.json"
         if saved.is_file():  # evaluate the checkpoint as saved, whatever its number of MTP layers
-            k = json.loads(saved.read_text()).get("num_nextn_predict_layers")
+            k = read_config_json(saved).get("num_nextn_predict_layers")
             if k:
                 cfg.model.num_mtp_layers = int(k)
     device = pick_device(cfg.trainer.device)
-    if cfg.trainer.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.trainer.threads)
+    apply_threads(cfg.trainer.threads, log)
     seed_everything(cfg.seed)
     env = builders.build(cfg, device, log=log)
     rollout = build_rollout(cfg.rollout, env.policy, env.tokenizer, device)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from occ_exp.config import ConfigError, register_configs
+from occ_exp.threads import JOBS_ENV
 
 register_configs()
 
-_ERROR_KIND = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data"}
+_ERROR_KIND = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data", "RunDirLocked": "run dir"}
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -34,17 +36,28 @@ def _abs_paths(cfg: DictConfig) -> None:
         cfg.model.path = os.path.join(base, cfg.model.path)
 
 
+def _note_parallel_jobs() -> None:
+    """A joblib multirun runs hydra.launcher.n_jobs trainers at once on this machine: tell the
+    thread policy (occ_exp.threads) through the environment, as scripts/reproduce.py --jobs does."""
+    hc = HydraConfig.get()
+    n = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN else None
+    if isinstance(n, int) and n != 0:  # joblib: -1 = all cores, -2 = all but one, ...
+        os.environ.setdefault(JOBS_ENV, str(n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from rich.console import Console
     from rich.markup import escape
 
     from occ_exp.data.jsonl import DataError
+    from occ_exp.locks import RunDirLocked
     from occ_exp.models.loading import CheckpointError
     from occ_exp.trainer import NonFiniteError, train
 
     console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks
     _abs_paths(cfg)
+    _note_parallel_jobs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.trainer.dry_run:
@@ -54,7 +67,7 @@ def main(cfg: DictConfig) -> dict | None:
             return None
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
-    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one line, before work starts
+    except (ConfigError, CheckpointError, DataError, RunDirLocked) as e:  # bad input: one line, before work starts
         console.print(f"[bold red]{_ERROR_KIND[type(e).__name__]} error[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
     except NonFiniteError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 import warnings
@@ -40,6 +41,7 @@ from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
 from occ_exp.evaluate import Evaluator, Scorers, eval_metrics, write_eval
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout.base import RolloutBatch, build_rollout
+from occ_exp.threads import apply_threads
 
 
 # -- small pieces -------------------------------------------------------------------------------
@@ -355,10 +357,26 @@ def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int 
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     """Run one experiment; returns the final metrics. SIGTERM stops it after the current step, with
     a checkpoint (see occ_exp.preemption)."""
-    from occ_exp.preemption import GracefulStop
+    from occ_exp.locks import run_lock
+    from occ_exp.preemption import GracefulStop, StopRequested
 
-    with GracefulStop(log=log) as stop:
-        return _train(cfg, run_dir, log, stop)
+    with GracefulStop(log=log, setup=True) as stop:
+        stop.step, stop.checkpoint = 0, None  # where a stop during set-up leaves the run (set on resume)
+        try:
+            # one writer per run dir (rank 0 writes; torchrun ends the other ranks if it is refused)
+            with run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+                return _train(cfg, run_dir, log, stop)
+        except StopRequested:
+            return run_summary({}, stop.step, stop.checkpoint, None, run_dir)
+
+
+def run_summary(last: dict, stopped_at: int | None, checkpoint, metrics_path, run_dir) -> dict:
+    """What `train` returns: final accuracy (None unless the final evaluation ran), where it stopped."""
+    return {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
+            "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
+            "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "metrics": str(metrics_path) if metrics_path else None, "run_dir": str(run_dir)}
 
 
 def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
@@ -378,8 +396,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     dist = D.init_distributed(cfg.distributed, t.device)  # no process group outside torchrun / Slurm
     device = dist.device
     log = log if dist.is_main else (lambda *_: None)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
+    apply_threads(t.threads, log)  # 0: from the cores available and the runs launched side by side
     seed_everything(cfg.seed)
     ckpt = resolve_resume(run_dir, t.resume, log)
 
@@ -421,6 +438,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
                                      dist=dist, guard=guard, rollout=rollout)
         if dist.is_main:
             set_aside_newer(run_dir, start, log)
+        stop.step, stop.checkpoint = start, ckpt
         log(f"resumed from {ckpt} at step {start}")
         rollout.sync_weights()
     elif env.fresh_mtp_layers and cfg.model.mtp_warmup_steps > 0:  # fresh heads on a real checkpoint
@@ -461,6 +479,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     last: dict = tracker.last_row if start >= t.total_steps else {}  # resuming a finished run: nothing to do
     last_ckpt = ckpt
     stopped_at = None
+    stop.ready()  # set-up is over: SIGTERM now finishes the step and checkpoints
     for step in bar:
         if step == start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
             stopped_at = start
@@ -537,11 +556,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
             break
 
     # 4. summary
-    summary = {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
-               "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
-               "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": str(tracker.metrics_path),
-               "run_dir": str(run_dir)}
+    summary = run_summary(last, stopped_at, last_ckpt, tracker.metrics_path, run_dir)
     tracker.summary(summary)
     tracker.close()
     evaluator.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from occ_exp.checkpoint import atomic_write_text
 from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
 
 CACHE_VERSION = 2  # bump when the warm-start recipe changes (2: MTP reads the pre-norm trunk state)
@@ -93,7 +94,7 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
     key = cache_key(model_cfg, data_cfg)
     folder = Path(cache_dir) / "warmstart" / key
     report_path = folder / "report.json"
-    with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock"):
+    with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock", log=log):
         if report_path.exists():
             loaded, _ = load_policy_folder(folder / "model", expected_config=policy.config, device=device)
             policy.load_state_dict(loaded.state_dict())
@@ -104,7 +105,7 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
         report = _train(policy, tokenizer, task, ws, device, reward_fn, log)
         report["key"] = key
         save_policy(policy, tokenizer, folder / "model")
-        report_path.write_text(json.dumps(report, indent=1))
+        atomic_write_text(report_path, json.dumps(report, indent=1))  # its presence marks the entry complete
         log(f"warm start: saved to {folder}")
         return report
 
