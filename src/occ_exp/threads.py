@@ -119,10 +119,8 @@ def choose_threads(requested: int = 0, cores: tuple[int, str] | None = None,
     return ThreadChoice(threads, f"{cores_why} / {jobs_why}; set trainer.threads to override")
 
 
-def apply_threads(requested: int = 0, log=None) -> ThreadChoice:
-    """Choose and set torch's intra-op thread count; say which and why through `log`."""
+def apply_threads(requested: int = 0) -> ThreadChoice:
+    """Choose and set torch's intra-op thread count; the choice says which and why (log it)."""
     choice = choose_threads(requested)
     torch.set_num_threads(choice.threads)
-    if log is not None:
-        log(str(choice))
     return choice

@@ -396,7 +396,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     dist = D.init_distributed(cfg.distributed, t.device)  # no process group outside torchrun / Slurm
     device = dist.device
     log = log if dist.is_main else (lambda *_: None)
-    apply_threads(t.threads, log)  # 0: from the cores available and the runs launched side by side
+    threads = apply_threads(t.threads)  # 0: from the cores available and the runs launched side by side
     seed_everything(cfg.seed)
     ckpt = resolve_resume(run_dir, t.resume, log)
 
@@ -433,6 +433,8 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
 
     # 2. resume: weights, optimiser, scheduler, RNGs, data position, OCC and guard state
     start = 0
+    if t.resume == "never" and dist.is_main:  # starting over: earlier checkpoints are kept, set aside
+        set_aside_newer(run_dir, 0, log)
     if ckpt is not None:
         start = builders.resume_from(ckpt, policy, optimizer, scheduler, coef_states, prompts, gen, device,
                                      dist=dist, guard=guard, rollout=rollout)
@@ -480,6 +482,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, log, stop) -> dict:
     last_ckpt = ckpt
     stopped_at = None
     stop.ready()  # set-up is over: SIGTERM now finishes the step and checkpoints
+    log(str(threads))
     for step in bar:
         if step == start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
             stopped_at = start

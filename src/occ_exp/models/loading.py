@@ -44,16 +44,13 @@ from transformers.utils import logging as hf_logging
 # run's own progress bar and error messages (a bad-input error must be one line).
 hf_logging.disable_progress_bar()
 
+from occ_exp.checkpoint import CheckpointError, verify_model_folder
 from occ_exp.locks import file_lock
 from occ_exp.models.mtp import init_mtp_from_trunk
 from occ_exp.models.policy import MTPPolicy
 
 MTP_PREFIX = "model.mtp_layers."
 PKG_SCHEME = "pkg://"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the configured model, or cannot be found."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -264,11 +261,15 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     expected_config=None,
     log=print,
+    verify: bool = True,
 ) -> LoadedModel:
     """Trunk + `num_mtp_layers` MTP layers (None: as many as the checkpoint has, at least 1) from
     any supported source; see the module docstring. Layers the checkpoint has are loaded exactly,
-    the others are initialised from the trunk's last block (seeded by `seed`)."""
+    the others are initialised from the trunk's last block (seeded by `seed`). `verify`: check the
+    folder against the checkpoint manifest that covers it first (occ_exp.checkpoint.verify_model_folder)."""
     folder = resolve_model_dir(path)
+    if verify:
+        verify_model_folder(folder, log)
     config, kind = read_config(folder, gguf_file)
     if expected_config is not None:
         _check_sizes(path, config, expected_config)
@@ -348,9 +349,11 @@ def check_tokenizer(tokenizer, path) -> None:
 
 def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32,
                        num_mtp_layers: int | None = None):
-    """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit).
+    """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit), unverified: the
+    callers (resume, warm-start cache) have checked it themselves (resume: occ_exp.checkpoint.resolve_resume).
 
     `expected_config` (the running model's config) makes a size mismatch a clear error instead of
     a crash; `num_mtp_layers` asks for that many MTP layers (see `load_pretrained`)."""
-    m = load_pretrained(path, device=device, dtype=dtype, expected_config=expected_config, num_mtp_layers=num_mtp_layers)
+    m = load_pretrained(path, device=device, dtype=dtype, expected_config=expected_config, num_mtp_layers=num_mtp_layers,
+                        verify=False)
     return m.policy, m.tokenizer
