@@ -208,8 +208,8 @@ def run_ours(overrides: list[str], steps: int, warmup: int, threads: int, workdi
 
 
 # -- threads: two runs side by side, the default thread policy against every manual setting -----------
-THREAD_WORK = ["experiment=smoke", "model.warmstart.enabled=false", "data.prompts_per_step=8", "algorithm.group_size=4",
-               "rollout.max_new_tokens=48", "rollout.min_new_tokens=48", "trainer.eval_every=0",
+THREAD_WORK = ["experiment=smoke", "model.warmstart.enabled=false", "data.prompts_per_step=4", "algorithm.group_size=4",
+               "rollout.max_new_tokens=32", "rollout.min_new_tokens=32", "trainer.eval_every=0",
                "trainer.eval_before_train=false", "trainer.final_eval_problems=4", "trainer.save_every=0",
                "trainer.progress=false", "trainer.device=cpu", "logger=jsonl"]
 
