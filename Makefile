@@ -6,7 +6,7 @@ JOBS ?= 2
 SEEDS ?=
 REPRO = $(PY) scripts/reproduce.py $(if $(filter 1,$(QUICK)),--quick) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability
+.PHONY: help setup test test-all train data reproduce-table1 reproduce-table2 reproduce-figure4 bench clean reliability gpu-wheels gpu-check-toy
 
 help:
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +45,21 @@ reproduce-figure4: ## Figure 4: lambda_t, c and v2 (proxy and exact) against ste
 
 bench: ## performance: our RL step vs TRL's, the optimisation ladder, learner FLOP/s, memory, vLLM (QUICK=1: ~2 min; needs pip install -e '.[bench]')
 	$(PY) scripts/bench.py $(if $(filter 1,$(QUICK)),--quick,)
+
+GPU_WHEELS ?= .gpu_wheels
+# The lent GPU machine runs Python 3.12 with no network: the pure-Python wheels of
+# scripts/gpu_check_wheels.txt travel with the device call (carry=[".gpu_wheels"]). A pin without a
+# wheel on PyPI (antlr4-python3-runtime 4.9.3: source only) is built into one here.
+gpu-wheels: ## the few wheels scripts/gpu_check.sh needs on the lent GPU machine (Python 3.12) -> .gpu_wheels/ (ignored)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	for pin in $$(sed 's/#.*//' scripts/gpu_check_wheels.txt); do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux2014_x86_64 -d $(GPU_WHEELS) $$pin 2>/dev/null \
+	  || $(PY) -m pip wheel -q --no-deps -w $(GPU_WHEELS) $$pin || exit 1; done
+	$(PY) scripts/gpu_check.py wheels $(GPU_WHEELS)
+
+gpu-check-toy: ## the GPU check at toy sizes on the CPU (~1-2 min) -> /tmp/gpu_check_toy/gpu_check.md
+	GPU_CHECK_TOY=1 GPU_CHECK_RESULTS=/tmp/gpu_check_toy bash scripts/gpu_check.sh
 
 clean: ## remove run outputs (keeps the warm-start cache)
 	rm -rf outputs multirun

@@ -220,7 +220,7 @@ def side_by_side(threads: int, steps: int, warmup: int, workdir: Path, tag: str)
     Returns the median step time over both runs' timed steps."""
     import subprocess
 
-    from occ_exp.threads import JOBS_ENV
+    from occ_exp.runtime import JOBS_ENV
 
     sweep = workdir / tag
     cmd = [sys.executable, "-m", "occ_exp.train", "-m", *THREAD_WORK, f"trainer.total_steps={warmup + steps + 1}",
@@ -269,7 +269,8 @@ def run_trl(steps: int, warmup: int, threads: int, workdir: Path) -> dict:
     from occ_exp.data.tasks import Problem
     from occ_exp.models.loading import build_tiny_policy
     from occ_exp.reward.rewards import CountdownReward
-    from occ_exp.trainer import PromptStream, peak_rss_gib, reset_peak_rss
+    from occ_exp.data.prompts import PromptStream
+    from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
     cfg = compose(SAME_WORK)
     torch.set_num_threads(threads)
@@ -395,7 +396,7 @@ def memory(args, best: list[str], workdir: Path) -> dict:
 
 def memory_pass(path: str, threads: int, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="occ-bench-mem-") as tmp:
-        from occ_exp.trainer import peak_rss_gib, reset_peak_rss
+        from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
         reset_peak_rss()
         base = peak_rss_gib()
@@ -413,8 +414,8 @@ def fmt_phases(ph: dict) -> str:
 def learner_batch(policy, tok, cfg, rows: int, new_tokens: int, seed: int = 0):
     """A rollout batch of the learner's layout with exactly `new_tokens` sampled tokens per row."""
     from occ_exp.builders import build_task
-    from occ_exp.rollout.base import build_rollout
-    from occ_exp.trainer import PromptStream
+    from occ_exp.rollout import build_rollout
+    from occ_exp.data.prompts import PromptStream
 
     from omegaconf import OmegaConf
 
@@ -434,7 +435,7 @@ def learner_batch(policy, tok, cfg, rows: int, new_tokens: int, seed: int = 0):
 def time_learner(variants: dict, batch, cfg_of, reps: int) -> dict:
     """Median learner_update time per variant on the same batch, variants interleaved per repetition.
     variants: name -> (policy, optimizer, scheduler, regime, coef_states, extra kwargs)."""
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import learner_update
 
     times = {k: [] for k in variants}
     for rep in range(reps + 1):  # the first repetition warms up
@@ -452,7 +453,7 @@ def make_learner(cfg, base_policy, regime_name):
 
     from occ_exp.algo.coefficient import CoefficientState
     from occ_exp.algo.regimes import get_regime
-    from occ_exp.trainer import build_optimizer
+    from occ_exp.learner import build_optimizer
 
     policy = copy.deepcopy(base_policy)
     regime = get_regime(regime_name)
@@ -465,7 +466,7 @@ def mtp_cost(args) -> dict:
     """occ over detach, and a step with exact diagnostics over a plain one: learner_update on one
     batch, eager, the paper's 4 mini-batches (occ's lambda is 0 with a single one)."""
     from occ_exp.models.loading import build_tiny_policy
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import learner_update
 
     torch.set_num_threads(args.threads)
     over = SAME_WORK + ["algorithm.num_mini_batches=4", f"trainer.threads={args.threads}"]
@@ -590,7 +591,8 @@ def vllm_over_hf(args) -> dict:
         return {"vllm_over_hf_rollout": NA, "summary": f"vllm_over_hf_rollout: {NA}"}
     from omegaconf import OmegaConf
 
-    from occ_exp.rollout.base import build_rollout, sampling
+    from occ_exp.rollout import build_rollout
+    from occ_exp.rollout.base import sampling
 
     torch.set_num_threads(args.threads)
     n_prompts, n, new = (64, 4, 128) if not args.quick else (16, 4, 32)
@@ -748,7 +750,7 @@ def write_report(res: dict, out: Path) -> None:
         L += ["", f"## Two runs side by side: default threads vs manual ({th['cores']} cores available)", "",
               "Two training runs at once through the joblib launcher (`-m hydra/launcher=parallel "
               "hydra.launcher.n_jobs=2 seed=0,1`, as `scripts/reproduce.py --jobs 2` starts them) with "
-              "`trainer.threads=N`; 0 is the default policy (occ_exp.threads: cores available / runs side by side), "
+              "`trainer.threads=N`; 0 is the default policy (occ_exp.runtime: cores available / runs side by side), "
               f"which chose `{'; '.join(th['default_chosen'])}`. Median step time over both runs' "
               f"{res['settings']['steps']} timed steps (after {res['settings']['warmup']} warm-up) and "
               f"{len(th['rounds'])} interleaved round(s). Work: `{' '.join(th['work'])}`.", "",

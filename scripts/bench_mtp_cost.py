@@ -90,7 +90,7 @@ def main() -> None:
     from occ_exp.algo.coefficient import CoefficientState
     from occ_exp.algo.regimes import get_regime
     from occ_exp.models.loading import build_tiny_policy
-    from occ_exp.trainer import build_optimizer, learner_update, recompute_logp_old
+    from occ_exp.learner import build_optimizer, learner_update, recompute_logp_old
 
     base = compose(args.overrides)
     policy, _ = build_tiny_policy(base.model, seed=0)

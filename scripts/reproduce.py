@@ -1,47 +1,71 @@
-"""Reproduce the paper's Table 1, Table 2 and Figure 4 (`make reproduce-table1` etc.).
+"""Reproduce the paper's Table 1, Table 2 and Figure 4 at the tiny scale, and test its theory.
 
-    python scripts/reproduce.py table1  [--quick] [--scale tiny|mimo7b|glm] [--jobs 2] [--seeds 4] [--steps N]
-    python scripts/reproduce.py table2  [--quick] [--jobs 2] [--seeds 4]
-    python scripts/reproduce.py figure4 [--quick]
+    python scripts/reproduce.py table1   [--seeds 4] [--steps 400] [--jobs 2]   # 6 regimes x seeds
+    python scripts/reproduce.py table2   [--seeds 3] [--steps 400] [--jobs 2]   # lambda-response curves + theory
+    python scripts/reproduce.py proxy    # the paper's proxy vs the exact lambda* (from the runs above)
+    python scripts/reproduce.py figure4  # lambda_t, c, v2 against step for occ and occ_exact
+    python scripts/reproduce.py findings # results/FINDINGS.md from the summaries the commands above wrote
+    python scripts/reproduce.py all      # all of it, in that order
+    ... --plan                           # print runs x steps x s/step = wall time at --jobs N, run nothing
+    ... --report-only                    # rebuild the results files from the runs there, run nothing
+    python scripts/reproduce.py table1 --scale mimo7b [--launch]                # real scale: the plan / Slurm
 
-At the tiny scale (default) every table is a Hydra multirun of `python -m occ_exp.train` over
-regimes x seeds (experiment=table1_tiny: the paper's ratios at small size), run side by side
-through the joblib launcher from ONE shared warm start, each run ending with an evaluation (avg@4, sampled)
-on 1,000 held-out problems (`<run>/eval.json`). The runs live under outputs/reproduce/ (resumable:
-re-running the command continues unfinished runs from their checkpoints and skips finished ones);
-the aggregated tables and figures go to results/ with the command, commit and wall time.
-
-At real scale (`--scale mimo7b`) the script composes the paper's presets, prints each run's plan
-(`trainer.dry_run=true`: world size, memory per GPU, tokens per step, no weights loaded) and the
-commands that launch them locally with torchrun or on Slurm; `--launch` submits them.
+Every table is one or more Hydra multiruns of `python -m occ_exp.train` (experiment=theory_tiny:
+table1_tiny's settings with exact c / v2 and the Taylor check on every 10th step) run side by side
+through the joblib launcher from ONE shared warm start; --jobs is passed down (OCC_EXP_PARALLEL_JOBS)
+so that each run's default threads are its share of the available cores (occ_exp.runtime). Runs of the same seed see the same prompts at every step
+(paired), and every run ends with an evaluation (avg@4, sampled) on 1,000 held-out problems
+(`<run>/eval.json`). Runs live under outputs/reproduce/<table>[_suffix]/ (resumable: re-running the
+command continues unfinished runs from their checkpoints and skips finished ones); Table 2 reuses
+Table 1's runs for the cells they share (detach, policy and ce at 0.1, occ at lambda_plus 1). The
+results go to results/ (`table1_tiny.{md,csv,json}`, `table2_tiny.{md,csv,json,png}`,
+`proxy_tiny.{md,json,png}`, `figure4_tiny.png`, `FINDINGS.md`) with the command, commit, wall time
+and the cells still missing. `--steps N` other than 400 (or --quick) writes to its own folders and
+result names (`_<N>steps`); `--out-suffix ''` forces the plain names.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from occ_exp.plot import figure4_analog, plot_dir, proxy_figure, response_figure  # noqa: E402
 from occ_exp.report import (  # noqa: E402
-    PAPER_TABLE1, PAPER_TABLE2_NOTE, collect_runs, mechanism_markdown, ordering_verdict, regime_table, table_markdown,
-    write_csv,
+    PAPER_TABLE1, cell_label, collect_runs, findings_markdown, fmt_lambda, measured_curves, mechanism_markdown, missing_cells,
+    missing_markdown, ordering_verdict, predicted_curve, proxy_markdown, proxy_observations, proxy_table,
+    regime_label, regime_table, seconds_per_step, steps_done, table_markdown, theory_verdict, write_csv,
 )
-from occ_exp.threads import JOBS_ENV  # noqa: E402
+from occ_exp.runtime import JOBS_ENV, choose_threads  # noqa: E402
 
-REGIMES = ["detach", "ce", "policy", "occ"]
-TABLE2_LAMBDAS = [0.1, 0.2, 0.5, 1.0]
+DEFAULT_STEPS = 400
+PAPER_REGIMES = ["detach", "ce", "policy", "occ"]  # the paper's Table 1
+TABLE1_REGIMES = [*PAPER_REGIMES, "occ_exact", "occ_reference"]
+# Extra overrides of a regime's cells: occ_reference applies lambda to the advantages (the reference
+# code), which the exact-gradient diagnostics do not support (they need lambda on the loss).
+REGIME_OVERRIDES = {"occ_reference": ["diagnostics.exact_every=0", "diagnostics.taylor_check=false"]}
+FIXED_LAMBDAS = [0.03, 0.1, 0.3, 1.0, 3.0]  # Table 2: policy and ce
+OCC_LAMBDA_PLUS = [0.1, 1.0, 10.0]  # Table 2: occ
+TABLE1_FIXED, TABLE1_LAMBDA_PLUS = 0.1, 1.0  # what Table 1's runs use (experiment table1_tiny), reused by Table 2
+THEORY_GRID = np.geomspace(0.01, 30, 61)  # lambda grid of the predicted gain curves
+PAPER_ROW = "MiMo-7B-RL + DAPO"
 RESULTS = ROOT / "results"
 RUNS = ROOT / "outputs" / "reproduce"
-REPORT_ONLY = False  # --report-only: tables and figures from the runs already under RUNS
+OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False)
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -60,37 +84,100 @@ def git_commit() -> str:
 
 
 def experiment(quick: bool) -> str:
-    return "table1_tiny_quick" if quick else "table1_tiny"
+    return "theory_tiny_quick" if quick else "theory_tiny"
 
 
-def warm_start(quick: bool) -> None:
+# -- sweeps ---------------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    """One Hydra multirun: regime group options x swept parameter values x seeds, into `folder`.
+    `label` names a cell as the tables do (occ_exp.report.cell_label of its runs)."""
+
+    folder: str
+    regimes: list[str]
+    seeds: int
+    param: str | None = None  # e.g. regime.coef
+    values: list[float] = field(default_factory=list)
+
+    def overrides(self) -> list[list[str]]:
+        """One override list per multirun (regimes with extra overrides run on their own). A regime
+        without its conf/regime file here is left out (its cells show as missing)."""
+        out = []
+        regimes = [r for r in self.regimes if (ROOT / "conf" / "regime" / f"{r}.yaml").exists()]
+        for r in sorted(set(self.regimes) - set(regimes)):
+            print(f"note: conf/regime/{r}.yaml is not in this checkout; its cells are skipped", flush=True)
+        plain = [r for r in regimes if r not in REGIME_OVERRIDES]
+        groups = ([plain] if plain else []) + [[r] for r in regimes if r in REGIME_OVERRIDES]
+        for regs in groups:
+            o = ["regime=" + ",".join(regs), "seed=" + ",".join(str(s) for s in range(self.seeds))]
+            if self.param:
+                o.append(f"{self.param}=" + ",".join(f"{v:g}" for v in self.values))
+            out.append(o + REGIME_OVERRIDES.get(regs[0], []) if len(regs) == 1 else o)
+        return out
+
+    def cells(self) -> list[tuple[str, int]]:
+        vals = self.values or [None]
+        out = []
+        for reg in self.regimes:
+            for v in vals:
+                lam = v if v is not None else (TABLE1_LAMBDA_PLUS if reg.startswith("occ") else TABLE1_FIXED)
+                label = reg if reg == "detach" else f"{reg} λ={lam:g}"
+                out += [(label, s) for s in range(self.seeds)]
+        return out
+
+
+def table1_sweep(args) -> Sweep:
+    return Sweep("table1" + args.run_suffix, TABLE1_REGIMES, args.seeds1)
+
+
+def table2_sweeps(args) -> list[Sweep]:
+    """Table 1's shared cells (run there, reused), the other fixed lambdas, the other lambda_plus."""
+    return [Sweep("table1" + args.run_suffix, ["detach", "policy", "ce", "occ"], args.seeds2),
+            Sweep("table2" + args.run_suffix, ["policy", "ce"], args.seeds2, "regime.coef",
+                  [v for v in FIXED_LAMBDAS if v != TABLE1_FIXED]),
+            Sweep("table2" + args.run_suffix, ["occ"], args.seeds2, "regime.lambda_plus",
+                  [v for v in OCC_LAMBDA_PLUS if v != TABLE1_LAMBDA_PLUS])]
+
+
+def warm_start(args) -> None:
     """Fill the shared warm-start cache once, before the parallel runs (they would otherwise queue
     on its lock): a zero-step run builds the model, which warm-starts it."""
-    if REPORT_ONLY:
-        return
-    sh([sys.executable, "-m", "occ_exp.train", f"experiment={experiment(quick)}", "trainer.total_steps=0",
-        "trainer.eval_before_train=false", "trainer.threads=0", "logger=none",
+    sh([sys.executable, "-m", "occ_exp.train", f"experiment={experiment(args.quick)}", "trainer.total_steps=0",
+        "trainer.eval_before_train=false", "trainer.threads=0", "logger=none", *OPTS.overrides,
         f"hydra.run.dir={RUNS / 'warmstart'}"])
 
 
-def multirun(name: str, sweep: list[str], quick: bool, jobs: int, steps: int | None = None) -> Path:
-    """One Hydra multirun (resumable: each point continues from its newest checkpoint)."""
-    out = RUNS / name
-    if REPORT_ONLY:  # aggregate what is there, run nothing
-        if not out.exists():
-            raise SystemExit(f"--report-only: no runs under {out}; run the command without --report-only first")
-        return out
-    if steps:  # a shorter (or longer) run than the experiment's, in its own folder
-        sweep = [*sweep, f"trainer.total_steps={steps}"]
+def run_sweeps(sweeps: list[Sweep], args) -> None:
+    """Each sweep's multiruns (resumable: each point continues from its newest checkpoint), adding
+    their wall time to the folder's wall.json. Nothing runs under --report-only."""
+    if OPTS.report_only:
+        return
+    if not OPTS.warm:  # once per invocation (`all` runs several tables)
+        warm_start(args)
+        OPTS.warm = True
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           JOBS_ENV: str(jobs)}  # the runs' thread policy divides the cores among the jobs (occ_exp.threads)
-    t0 = time.time()
-    sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(quick)}", *sweep,
-        "hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={out}"], env=env)
-    # Wall time over every invocation (a resumed or re-run sweep adds to it; finished runs cost seconds)
-    total = run_seconds(out) + time.time() - t0
-    (out / "wall.json").write_text(json.dumps({"seconds": total}))
-    return out
+           JOBS_ENV: str(args.jobs)}  # each run's default threads: its share of the cores (occ_exp.runtime)
+    steps = [f"trainer.total_steps={args.steps}"]
+    for sw in sweeps:
+        out = RUNS / sw.folder
+        for over in sw.overrides():
+            t0 = time.time()
+            try:
+                sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
+                    *OPTS.overrides, "hydra/launcher=parallel",
+                    f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
+                    f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
+                   env=env)
+            finally:  # wall time over every invocation (a resumed sweep adds to it; finished runs cost seconds)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "wall.json").write_text(json.dumps({"seconds": run_seconds(out) + time.time() - t0}))
+
+
+def dirname_excluded() -> list[str]:
+    """Overrides left out of the run folders' names: the thread count and every --override (they
+    apply to every run of the invocation; --out-suffix keeps sweeps with other settings apart)."""
+    return ["trainer.progress", "hydra.launcher.n_jobs", "trainer.threads",
+            *dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for o in OPTS.overrides)]
 
 
 def run_seconds(out: Path) -> float:
@@ -99,127 +186,265 @@ def run_seconds(out: Path) -> float:
     return float(json.loads(f.read_text())["seconds"]) if f.exists() else 0.0
 
 
-def header(title: str, cmd: str, seconds: float, runs: Path) -> str:
-    import torch
+def load(folders: list[str]) -> list:
+    return [r for f in dict.fromkeys(folders) if (RUNS / f).exists() for r in collect_runs(RUNS / f)]
 
+
+def header(title: str, args, folders: list[str]) -> str:
+    seconds = sum(run_seconds(RUNS / f) for f in dict.fromkeys(folders))
+    where = ", ".join(f"`{(RUNS / f).relative_to(ROOT) if (RUNS / f).is_relative_to(ROOT) else RUNS / f}/`"
+                      for f in dict.fromkeys(folders))
     return (f"# {title}\n\n"
-            f"Produced by `{cmd}` (tables built at commit `{git_commit()}`); the runs took {seconds / 60:.1f} min of wall time on "
-            f"{platform.machine()} ({os.cpu_count()} CPU cores, torch {torch.__version__}); runs under "
-            f"`{runs.relative_to(ROOT)}/` (not committed).\n")
+            f"Produced by `{args.command}` (tables built at commit `{git_commit()}`); the runs took {seconds / 60:.1f} min "
+            f"of wall time on {platform.machine()} ({os.cpu_count()} CPU cores, torch {importlib.metadata.version('torch')}); "
+            f"runs under {where} (not committed).\n")
 
 
-def seeds_arg(n: int) -> str:
-    return "seed=" + ",".join(str(s) for s in range(n))
+def write_json(obj: dict, path: Path) -> None:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return "inf" if x == math.inf else "-inf" if x == -math.inf else None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, (np.floating, np.integer)):
+            return clean(x.item())
+        return x
+
+    path.write_text(json.dumps(clean(obj), indent=1, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict | None:
+    def back(x):
+        if x == "inf":
+            return math.inf
+        if x == "-inf":
+            return -math.inf
+        if x is None:
+            return math.nan
+        if isinstance(x, dict):
+            return {k: back(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [back(v) for v in x]
+        return x
+
+    return back(json.loads(path.read_text())) if path.exists() else None
+
+
+def summary(args, name: str, seeds: int, **extra) -> dict:
+    return {"file": f"results/{name}", "command": args.command, "commit": git_commit(), "steps": args.steps,
+            "seeds": seeds, **extra}
 
 
 # -- Table 1 ------------------------------------------------------------------------------------
 def table1(args) -> None:
     if args.scale != "tiny":
         return plan_real(args)
-    warm_start(args.quick)
-    root = multirun("table1" + args.suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)],
-                    args.quick, args.jobs, args.steps)
-    runs = [r for r in collect_runs(root) if r.coef == 0.1 or r.regime in ("detach", "occ")]
-    table = regime_table(runs, lambda r: r.regime, REGIMES)
-    suffix = args.suffix
-    md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args.command,
-                 run_seconds(root), root),
-          "Final accuracy on 1,000 held-out countdown problems (points; avg@4 of sampled answers at temperature "
-          "1.0, the paper's avg@32 at a smaller k), mean ± standard deviation over "
-          "seeds; Δ vs detach with a 95% bootstrap interval over seeds (paired) and problems (paired); MTP "
-          "acceptance = expected speculative acceptance of the depth-1 head over the last 10 steps.\n",
-          table_markdown(table), "", "## Mechanism", "",
-          "Over all steps of all seeds: the exact terms on the diagnosed steps (every "
-          "`diagnostics.exact_every` steps, on the trunk: λ* = c / v2, c = <g_RL, g_MTP>) beside the proxy's "
-          "(occ's applied λ_t = ĉ / v̂2; logged, not applied, for the other regimes). detach's exact terms are 0 "
-          "by construction (no MTP gradient reaches the trunk).", "",
-          mechanism_markdown(runs, lambda r: r.regime, REGIMES), "",
-          ordering_verdict(table), "",
+    sweep = table1_sweep(args)
+    if OPTS.plan:
+        return plan([sweep], args)
+    run_sweeps([sweep], args)
+    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds1]
+    table = regime_table(runs, regime_label, TABLE1_REGIMES, n_boot=args.boot)
+    paper = PAPER_TABLE1[PAPER_ROW]
+    for row in table:
+        row["paper"] = paper.get(row["label"])
+    missing = missing_cells(runs, [(lab.split(" λ=")[0], s) for lab, s in sweep.cells()], regime_label)
+    verdict = ordering_verdict(table)
+    name = "table1_tiny" + args.out_suffix
+    md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args, [sweep.folder]),
+          missing_markdown(missing), "",
+          "Final accuracy on the held-out countdown problems (points; avg@k of sampled answers, the paper's avg@32 at a "
+          "smaller k), mean ± standard deviation over seeds; Δ vs detach with a 95% bootstrap interval over seeds "
+          "(paired) and problems (paired); MTP acceptance = expected speculative acceptance of the depth-1 head over the "
+          f"last 10 steps; paper = the paper's {PAPER_ROW} average over six benchmarks (another scale). occ_exact: "
+          "λ_t from the exact c and v2 of the same mini-batch (an oracle); occ_reference: the reference code's "
+          "estimator.\n",
+          table_markdown(table, paper=paper), "", "## Mechanism", "",
+          "Over all steps of all seeds: the exact terms on the diagnosed steps (λ* = λ_plus·c / v2, c = <g_RL, g_MTP> "
+          "on the trunk) beside the proxy's. detach's exact terms are 0 by construction.", "",
+          mechanism_markdown(runs, regime_label, TABLE1_REGIMES), "", verdict, "",
           "## The paper (for comparison; a different scale, not reproduced here)", "",
-          "Average over six math benchmarks, avg@32:", "",
           "| setting | detach | ce | policy | occ |", "|---|---|---|---|---|",
-          *[f"| {k} | " + " | ".join(f"{v[r]:.1f}" for r in REGIMES) + " |" for k, v in PAPER_TABLE1.items()], ""]
-    figures = make_figures(root, suffix)
-    md += [f"![{p.stem}]({p.name})" for p in figures]
-    (RESULTS / f"table1_tiny{suffix}.md").write_text("\n".join(md) + "\n")
-    write_csv(table, RESULTS / f"table1_tiny{suffix}.csv")
+          *[f"| {k} | " + " | ".join(f"{v[r]:.1f}" for r in ["detach", "ce", "policy", "occ"]) + " |"
+            for k, v in PAPER_TABLE1.items()], ""]
+    (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_csv(table, args.results / f"{name}.csv")
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, verdict=verdict, paper=paper),
+               args.results / f"{name}.json")
+    if any(r.rows for r in runs):
+        plot_dir(RUNS / sweep.folder, out=args.results / f"figures{args.out_suffix}", smooth=5)
     print("\n".join(md))
 
 
-# -- Table 2 ------------------------------------------------------------------------------------
+# -- Table 2: lambda-response curves and the theory ----------------------------------------------
+TABLE2_REGIMES = ["policy", "ce", "occ"]
+
+
 def table2(args) -> None:
-    warm_start(args.quick)
-    suffix = args.suffix
-    # lambda = 0.1 of policy and ce, detach and occ are Table 1's runs (same experiment): run the rest
-    t1 = multirun("table1" + suffix, ["regime=" + ",".join(REGIMES), seeds_arg(args.seeds)], args.quick, args.jobs,
-                  args.steps)
-    t2 = multirun("table2" + suffix, ["regime=policy,ce", "regime.coef=" + ",".join(map(str, TABLE2_LAMBDAS[1:])),
-                                      seeds_arg(args.seeds)], args.quick, args.jobs, args.steps)
-    runs = [r for r in collect_runs(t1) + collect_runs(t2) if r.seed < args.seeds]
-
-    def label(r):
-        return r.regime if r.regime in ("detach", "occ") else f"{r.regime} λ={r.coef:g}"
-
-    order = ["detach", "occ"] + [f"{g} λ={c:g}" for g in ("policy", "ce") for c in TABLE2_LAMBDAS]
-    table = regime_table(runs, label, order)
-    md = [header("Table 2 at the tiny scale: fixed lambda" + (" (quick)" if args.quick else ""), args.command,
-                 run_seconds(t1) + run_seconds(t2), RUNS),
-          "Where does the joint MTP term start to cost accuracy? Fixed-lambda sweeps of the policy and ce regimes "
-          "with occ and detach as reference rows (same layout as Table 1).\n", table_markdown(table), "",
-          f"For comparison: {PAPER_TABLE2_NOTE}."]
-    (RESULTS / f"table2_tiny{suffix}.md").write_text("\n".join(md) + "\n")
-    write_csv(table, RESULTS / f"table2_tiny{suffix}.csv")
+    sweeps = table2_sweeps(args)
+    if OPTS.plan:
+        return plan(sweeps, args)
+    run_sweeps(sweeps, args)
+    folders = [sw.folder for sw in sweeps]
+    runs = [r for r in load(folders) if r.seed < args.seeds2 and regime_label(r) in ["detach", *TABLE2_REGIMES]]
+    order = ["detach"] + [f"{g} λ={v:g}" for g in ("policy", "ce") for v in FIXED_LAMBDAS] + \
+            [f"occ λ={v:g}" for v in OCC_LAMBDA_PLUS]
+    table = regime_table(runs, cell_label, order, n_boot=args.boot)
+    missing = missing_cells(runs, [c for sw in sweeps for c in sw.cells()], cell_label)
+    measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot)
+    # the prediction for occ_exact too (its diagnosed steps are in Table 1's runs), beside occ's
+    theory_runs = runs + [r for r in load([sweeps[0].folder]) if r.seed < args.seeds2 and regime_label(r) == "occ_exact"]
+    predicted = {lab: predicted_curve([r for r in theory_runs if regime_label(r) == lab], THEORY_GRID, args.eta,
+                                  n_boot=args.boot // 2)
+                 for lab in [*TABLE2_REGIMES, "occ_exact"]}
+    grids = {"policy": FIXED_LAMBDAS, "ce": FIXED_LAMBDAS, "occ": OCC_LAMBDA_PLUS}
+    verdicts = {lab: theory_verdict(measured.get(lab, {}).get("accuracy"), predicted.get(lab), grids[lab])
+                for lab in TABLE2_REGIMES}
+    name = "table2_tiny" + args.out_suffix
+    fig = response_figure(measured, {k: v for k, v in predicted.items() if v}, args.results / f"{name}.png",
+                          "Table 2 at the tiny scale: response to λ (one line per regime)")
+    theory_rows = ["| regime | diagnosed steps (Taylor) | η (source) | L·η [95% CI] | mean c | mean v2 | predicted λ0 [95% CI] "
+                   "| predicted optimum λ0/2 | measured break-even [95% CI] | verdict |", "|" + "---|" * 10]
+    for lab in [*TABLE2_REGIMES, "occ_exact"]:
+        p, m = predicted.get(lab), measured.get(lab, {}).get("accuracy")
+        g = grids.get(lab, OCC_LAMBDA_PLUS)
+        from_p = (f"{p['steps']} ({p['taylor_steps']}) | {p['eta']:.2g} ({p['eta_source']}) | {p['L_eta']:.3g} "
+                  f"[{p['L_eta_lo']:.3g}, {p['L_eta_hi']:.3g}] | {p['c']:.3g} | {p['v2']:.3g} | "
+                  f"{fmt(p['lambda_0'], g)} [{fmt(p['lambda_0_lo'], g)}, {fmt(p['lambda_0_hi'], g)}] | "
+                  f"{fmt(p['lambda_0'] / 2, g)}") if p else "– | – | – | – | – | – | –"
+        from_m = (f"{fmt(m['break_even'], g)} [{fmt(m['break_even_lo'], g)}, {fmt(m['break_even_hi'], g)}]" if m else "–")
+        theory_rows.append(f"| {lab} | {from_p} | {from_m} | {verdicts.get(lab, ('–',))[0]} |")
+    md = [header("Table 2 at the tiny scale: the response to λ, and the theory's prediction", args, folders),
+          missing_markdown(missing), "",
+          "Policy and ce at fixed λ ∈ {" + ", ".join(f"{v:g}" for v in FIXED_LAMBDAS) + "}, occ at λ_plus ∈ {"
+          + ", ".join(f"{v:g}" for v in OCC_LAMBDA_PLUS) + "}, each against detach of the same seeds (same prompts per "
+          "step; Table 1's runs reused where the settings match). Δ vs detach with a 95% bootstrap interval over seeds "
+          "and problems (paired).\n", table_markdown(table), "",
+          f"![{fig.stem}]({fig.name})", "", "## The prediction beside the measurement", "",
+          "The theory: the MTP term's contribution to one step is ηλ(1−Lη)c − (Lη²λ²/2)·v2, positive below "
+          "λ0 = 2(1−Lη)c/(Lη·v2) and largest at λ0/2. Here c = <g_RL, g_MTP> and v2 = ||g_MTP||² are the exact "
+          "values on the diagnosed steps of each regime's runs (all its λ pooled; for occ the applied λ_t = λ_plus·s_t "
+          "enters as mean(s·c) and mean(s²·v2)); L comes from the Taylor check's second-order term, "
+          "(first − second order)/η² = (g + u/2)ᵀHu ≈ L(λc + λ²v2/2), pooled over steps; η is the optimiser's effective "
+          "step (source in the table). Intervals: bootstrap over seeds and, within each, diagnosed steps. The measured "
+          "break-even is where the accuracy delta crosses 0 (log-linear interpolation; '<' / '>' = outside the grid), "
+          "its interval from the same paired bootstrap as the deltas.", "", "\n".join(theory_rows), "",
+          *[f"- **{lab}**: {status}: {text}." for lab, (status, text) in verdicts.items()], ""]
+    (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_csv(table, args.results / f"{name}.csv")
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, measured=measured, predicted=predicted,
+                       verdicts=verdicts), args.results / f"{name}.json")
     print("\n".join(md))
 
 
-# -- Figure 4 -----------------------------------------------------------------------------------
-def make_figures(root: Path, suffix: str) -> list[Path]:
-    """Figure 4 (lambda_t, c, v2: proxy and exact, for policy and occ) plus the per-metric plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from occ_exp.plot import aggregate, find_runs, plot_dir
-
-    plot_dir(root, out=RESULTS / f"figures{suffix}", smooth=5)
-    runs = find_runs(root)
-    panels = [("mtp/coef", "diag/lambda_star", "lambda_t (proxy, applied) and lambda* (exact)"),
-              ("mtp/corr_proxy", "diag/corr", "c: proxy c_hat and exact <g_RL, g_MTP>"),
-              ("mtp/penalty_proxy", "diag/penalty", "v2: proxy v2_hat and exact ||g_MTP||^2")]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
-    for col, (proxy, exact, title) in enumerate(panels):
-        for row, key in enumerate((proxy, exact)):
-            ax = axes[row][col]
-            for label in sorted(runs):
-                if not label.split()[0] in ("policy", "occ"):
-                    continue
-                x, mean, lo, hi = aggregate(runs[label], key, smooth=5 if row == 0 else 1)
-                if len(x):
-                    ax.plot(x, mean, label=label, marker="" if row == 0 else ".")
-                    ax.fill_between(x, lo, hi, alpha=0.15)
-            ax.axhline(0, color="grey", lw=0.6)
-            ax.set_title(("proxy: " if row == 0 else "exact: ") + title.split(":")[0], fontsize=10)
-            ax.legend(fontsize=8)
-            if row == 1:
-                ax.set_xlabel("RL step")
-    fig.suptitle("Figure 4 at the tiny scale: lambda_t, c and v2 against step (mean over seeds, min-max band)")
-    fig.tight_layout()
-    path = RESULTS / f"figure4_tiny{suffix}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+def fmt(x, grid) -> str:
+    return fmt_lambda(x, grid)
 
 
+# -- the proxy under the microscope ----------------------------------------------------------------
+def proxy(args) -> None:
+    folders = ["table1" + args.run_suffix, "table2" + args.run_suffix]
+    if OPTS.plan:
+        return plan(table2_sweeps(args) + [table1_sweep(args)], args)
+    runs = [r for r in load(folders) if r.seed < max(args.seeds1, args.seeds2)]
+    obs = proxy_observations(runs)
+    rows = proxy_table(obs, n_boot=min(args.boot, 500))
+    per_mb = len({o["mb"] for o in obs}) > 1
+    name = "proxy_tiny" + args.out_suffix
+    fig = proxy_figure(rows, args.results / f"{name}.png", "The paper's proxy, the reference estimator and paper_in_clip "
+                       "against the exact λ*") if rows else None
+    md = [header("The proxy under the microscope", args, folders),
+          f"{len(obs)} diagnosed mini-batches of the policy, occ and occ_exact runs (λ* = c/v2 exact; every value divided "
+          "by the run's λ_plus). Sign agreement counts an estimate of exactly 0 as a disagreement; intervals: bootstrap "
+          "over mini-batches. The first mini-batch of a step is on-policy (d_rl = 0, so the paper's ĉ is 0 by "
+          "construction).", "",
+          proxy_markdown(rows) if rows else "No diagnosed mini-batches yet.", ""]
+    if not per_mb:
+        md.append("Only one mini-batch index is logged per diagnosed step (the last: the learner's unsuffixed diag/*); "
+                  "the by-mini-batch rows need `diag/<name>_mb<i>` per mini-batch (see the report for the coordinator).")
+    if fig:
+        md += ["", f"![{fig.stem}]({fig.name})"]
+    (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_json(summary(args, f"{name}.md", max(args.seeds1, args.seeds2), rows=rows, per_mini_batch=per_mb, n_obs=len(obs)),
+               args.results / f"{name}.json")
+    print("\n".join(md))
+
+
+# -- Figure 4 -------------------------------------------------------------------------------------
 def figure4(args) -> None:
-    suffix = args.suffix
-    root = RUNS / ("table1" + suffix)
-    if not any(root.rglob("eval.json")):
-        warm_start(args.quick)
-        root = multirun("table1" + suffix, ["regime=policy,occ", "seed=0"], args.quick, args.jobs, args.steps)
-    for p in make_figures(root, suffix):
-        print(f"wrote {p}")
+    sweep = table1_sweep(args)
+    if OPTS.plan:
+        return plan([sweep], args)
+    runs = [r for r in load([sweep.folder]) if r.seed < args.seeds1 and regime_label(r) in ("occ", "occ_exact")]
+    if not runs:
+        raise SystemExit(f"no occ / occ_exact runs under {RUNS / sweep.folder}: run `reproduce.py table1` first")
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(regime_label(r), []).append(r.rows)
+    path = figure4_analog(groups, args.results / f"figure4_tiny{args.out_suffix}.png",
+                          "Figure 4 at the tiny scale: λ_t, c and v2 against step (mean over seeds, min-max band)")
+    print(f"wrote {path}")
+
+
+def findings(args) -> None:
+    if OPTS.plan:
+        return None
+    s = args.out_suffix
+    md = findings_markdown(read_json(args.results / f"table1_tiny{s}.json"), read_json(args.results / f"table2_tiny{s}.json"),
+                           read_json(args.results / f"proxy_tiny{s}.json"), args.command, git_commit())
+    (args.results / f"FINDINGS{s}.md").write_text(md)
+    print(md)
+
+
+def run_all(args) -> None:
+    if OPTS.plan:
+        return plan(list({id(s): s for s in [table1_sweep(args), *table2_sweeps(args)[1:]]}.values()), args)
+    for fn in (table1, table2, proxy, figure4, findings):
+        fn(args)
+
+
+# -- the compute plan --------------------------------------------------------------------------------
+def plan(sweeps: list[Sweep], args) -> None:
+    """Runs x steps x measured s/step = wall time at --jobs N (what a resumed sweep still has to do)."""
+    measured = seconds_per_step(RUNS)
+    cells, seen = [], set()
+    for sw in sweeps:
+        done = steps_done(load([sw.folder]))
+        for label, seed in sw.cells():
+            if (sw.folder, label, seed) in seen:
+                continue
+            seen.add((sw.folder, label, seed))
+            cells.append((label, seed, max(args.steps - done.get((label, seed), 0), 0)))
+    lines = [f"Plan for `{args.command}` at --jobs {args.jobs} ({choose_threads(0, jobs=(args.jobs, '')).threads} torch thread(s) each, "
+             f"{os.cpu_count()} cores):", "", "| cell | runs | steps left | s/step (source) | run-seconds |", "|---|---|---|---|---|"]
+    total = 0.0
+    by_label: dict[str, list[int]] = {}
+    for label, _, left in cells:
+        by_label.setdefault(label, []).append(left)
+    for label, lefts in by_label.items():
+        reg = label.split(" λ=")[0]
+        if reg in measured:
+            sps, src = measured[reg], "measured"
+        elif "*" in measured:
+            sps, src = measured["*"], "measured, all regimes"
+        elif args.sec_per_step:
+            sps, src = args.sec_per_step, "--sec-per-step"
+        else:
+            raise SystemExit("no metrics under outputs/reproduce/ to measure seconds per step: pass --sec-per-step S "
+                             "(e.g. from a short run: python scripts/reproduce.py table1 --steps 5 --seeds 1)")
+        cost = sum(lefts) * sps
+        total += cost
+        lines.append(f"| {label} | {len(lefts)} | {sum(lefts)} | {sps:.2f} ({src}) | {cost:.0f} |")
+    par = min(args.jobs, max(len(cells), 1))
+    slow = max(1.0, args.jobs / (os.cpu_count() or 1))  # more jobs than cores share them
+    wall = total / par * slow
+    lines += ["", f"{len(cells)} runs, {sum(c[2] for c in cells)} steps left, {total / 3600:.2f} run-hours; at --jobs "
+              f"{args.jobs}: about {wall / 3600:.2f} h of wall time" + (f" (x{slow:.1f}: more jobs than cores)" if slow > 1 else "")
+              + " (plus the warm start if its cache is empty)."]
+    print("\n".join(lines))
+    return None
 
 
 # -- real scale: compose and plan -----------------------------------------------------------------
@@ -231,11 +456,11 @@ def plan_real(args) -> None:
               "is not runnable here. It stays on paper: the paper's numbers are in results/table1_tiny.md.")
         return
     for preset in presets:
-        for regime in REGIMES:
+        for regime in PAPER_REGIMES:
             sh([sys.executable, "-m", "occ_exp.train", f"experiment={preset}", f"regime={regime}", "trainer.dry_run=true"],
                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     launch = [[sys.executable, "-m", "occ_exp.train", "-m", "hydra/launcher=slurm", f"experiment={p}",
-               "regime=" + ",".join(REGIMES), "seed=0"] for p in presets]
+               "regime=" + ",".join(PAPER_REGIMES), "seed=0"] for p in presets]
     print("\nLaunch on Slurm (one job per regime; each job runs torchrun over its nodes):")
     for cmd in launch:
         print("  " + shlex.join(cmd))
@@ -249,28 +474,50 @@ def plan_real(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["table1", "table2", "figure4"])
-    ap.add_argument("--quick", action="store_true", help="the ~5-minute version (CI, first look)")
+    ap.add_argument("what", choices=["table1", "table2", "proxy", "figure4", "findings", "all"])
+    ap.add_argument("--quick", action="store_true", help="the ~5-minute version (12 steps, 1 seed: CI, first look)")
     ap.add_argument("--scale", default="tiny", choices=["tiny", "mimo7b", "glm"])
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one CPU thread each)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 4; quick: 1)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (torch threads each: available cores // jobs)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: Table 1's cells 4, Table 2's 3; quick: 1)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="RL steps per run instead of the experiment's (400; quick: 12); results get a _<N>steps suffix")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the results files from finished runs, run nothing")
+                    help=f"RL steps per run (default {DEFAULT_STEPS}; quick: 12); another value gets a _<N>steps suffix")
+    ap.add_argument("--out-suffix", default=None, help="suffix of the run folders and result names (default: from "
+                                                        "--quick / --steps; '' = the plain names)")
+    ap.add_argument("--plan", action="store_true", help="print runs x steps x s/step = wall time at --jobs, run nothing")
+    ap.add_argument("--sec-per-step", type=float, default=None, help="--plan: seconds per RL step when no runs measured it")
+    ap.add_argument("--eta", type=float, default=None, help="the theory's step size eta (default: from the runs' metrics)")
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates of the intervals (default 2000)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override for every run (repeatable; not part of the run folders' names: "
+                         "use --out-suffix for a sweep with other settings)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
+    ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default outputs/reproduce/)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
     ap.add_argument("--launch", action="store_true", help="real scale: submit the runs (default: print the plan)")
     args = ap.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = 1 if args.quick else 4
-    global REPORT_ONLY
-    REPORT_ONLY = args.report_only
-    args.suffix = "_quick" if args.quick else ""
-    if args.steps:
-        args.suffix += f"_{args.steps}steps"
+    for key in ("jobs", "seeds", "steps", "boot"):
+        v = getattr(args, key)
+        if v is not None and v < 1:
+            ap.error(f"--{key} must be >= 1, got {v}")
+    # seeds per cell: Table 1's (default 4) and Table 2's (default 3; its shared cells are Table 1's runs)
+    args.seeds1 = args.seeds or (1 if args.quick else 4)
+    args.seeds2 = args.seeds or (1 if args.quick else 3)
+    if args.steps is None:
+        args.steps = 12 if args.quick else DEFAULT_STEPS
+    suffix = ("_quick" if args.quick else "") + (f"_{args.steps}steps" if args.steps != (12 if args.quick else DEFAULT_STEPS)
+                                                 else "")
+    args.out_suffix = suffix if args.out_suffix is None else args.out_suffix
+    args.run_suffix = args.out_suffix
+    global RUNS
+    if args.runs is not None:
+        RUNS = args.runs.resolve()
+    OPTS.report_only, OPTS.plan, OPTS.overrides, OPTS.jobs = args.report_only, args.plan, args.override, args.jobs
     # the command that ran the runs (a --report-only rebuild names the sweep's own command)
     args.command = "python scripts/reproduce.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
-    RESULTS.mkdir(exist_ok=True)
-    {"table1": table1, "table2": table2, "figure4": figure4}[args.what](args)
+        a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--plan"))
+    args.results.mkdir(parents=True, exist_ok=True)
+    {"table1": table1, "table2": table2, "proxy": proxy, "figure4": figure4, "findings": findings,
+     "all": run_all}[args.what](args)
     return 0
 
 

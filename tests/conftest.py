@@ -24,10 +24,11 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count(
 register_configs()
 
 
-def compose_cfg(overrides: list[str] | None = None, config_name: str = "config"):
+def compose_cfg(overrides: list[str] | None = None, config_name: str = "config", return_hydra_config: bool = False):
+    """The composed config; with return_hydra_config, also `hydra.runtime.choices` (group -> option)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        return compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture(scope="session")

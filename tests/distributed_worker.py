@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ from hydra.core.global_hydra import GlobalHydra
 from occ_exp import distributed as D
 from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.regimes import get_regime
-from occ_exp.checkpoint import rng_state
 from occ_exp.config import register_configs
 from occ_exp.rollout.base import RolloutBatch
 
@@ -70,7 +70,7 @@ def fixed_batch(vocab: int, P: int = 7, R: int = 9, seed: int = 0) -> RolloutBat
 
 def build(cfg, dist):
     from occ_exp.models.loading import build_tiny_policy
-    from occ_exp.trainer import build_optimizer
+    from occ_exp.learner import build_optimizer
 
     policy, tok = build_tiny_policy(cfg.model, seed=0)
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
@@ -87,7 +87,7 @@ def full_state(policy, dist) -> dict | None:
 
 
 def run_case(overrides: list[str], dist) -> dict:
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import learner_update
 
     cfg = compose_cfg(overrides)
     policy, _, regime, opt, sched = build(cfg, dist)
@@ -123,25 +123,27 @@ def checkpoint_round_trip(dist, out_dir: Path) -> dict:
     fresh sharded learner, resume from the folder, compare weights and optimizer state."""
     from occ_exp import builders
     from occ_exp.checkpoint import save_checkpoint
-    from occ_exp.trainer import learner_update
+    from occ_exp.learner import NonFiniteGuard
+    from occ_exp.models.loading import save_policy
+    from occ_exp.rollout.base import Rollout
+    from occ_exp.learner import learner_update
 
     cfg = compose_cfg(CASES["occ"])
     policy, tok, regime, opt, sched = build(cfg, dist)
     cs = [CoefficientState() for _ in range(policy.num_mtp_layers)]
     batch = fixed_batch(policy.config.vocab_size, seed=1)  # every rank holds the whole (gathered) batch
     learner_update(policy, opt, sched, regime, batch, cfg, cs, torch.Generator().manual_seed(0), dist)
-    state = {"step": 1, "optimizer": D.optimizer_state_dict(policy, opt, dist), "scheduler": sched.state_dict(),
-             "rng": rng_state(), "generator": torch.Generator().get_state(), "prompts": {},
-             "coef_states": [c.state_dict() for c in cs], **D.extra_trainer_state(dist)}
+    state = builders.capture_state(1, policy, opt, sched, cs, _NoPrompts(), torch.Generator(), dist,
+                                   NonFiniteGuard(3), Rollout())
     model_sd = D.full_model_state_dict(policy, dist)
     if dist.is_main:
-        save_checkpoint(out_dir, 1, policy, tok, state, "{}", model_state_dict=model_sd)
+        save_checkpoint(out_dir, 1, partial(save_policy, policy, tok, state_dict=model_sd), state, "{}")
     dist.barrier()
     saved_w, saved_o = full_state(policy, dist), D.optimizer_state_dict(policy, opt, dist)
 
     policy2, _, _, opt2, sched2 = build(cfg, dist)
     step = builders.resume_from(out_dir / "checkpoints" / "step_000001", policy2, opt2, sched2, cs, _NoPrompts(),
-                                torch.Generator(), dist.device, dist=dist)
+                                torch.Generator(), dist.device, dist=dist).step
     w2, o2 = full_state(policy2, dist), D.optimizer_state_dict(policy2, opt2, dist)
     if not dist.is_main:
         return {}
@@ -151,6 +153,9 @@ def checkpoint_round_trip(dist, out_dir: Path) -> dict:
 
 
 class _NoPrompts:
+    def state_dict(self):
+        return {}
+
     def load_state_dict(self, state):
         pass
 

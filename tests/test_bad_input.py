@@ -5,10 +5,11 @@ tokenizer without the needed special tokens; and, end to end through the CLI, co
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
-from occ_exp.checkpoint import save_checkpoint
+from occ_exp.checkpoint import TrainState, save_checkpoint
 from occ_exp.data.jsonl import DataError, read_jsonl
 from occ_exp.models.loading import CheckpointError, build_tiny_policy, save_policy
 from occ_exp.trainer import train
@@ -94,7 +95,7 @@ def _cfg(smoke_overrides, *extra):
 
 def test_resume_from_checkpoint_of_another_size(smoke_overrides, tmp_path, tiny_policy):
     policy, tok = tiny_policy  # hidden 64, 2 layers, 2 MTP layers; the config below wants 128, 3, 1
-    save_checkpoint(tmp_path, 5, policy, tok, {"step": 5}, "x: 1\n")
+    save_checkpoint(tmp_path, 5, partial(save_policy, policy, tok), TrainState(5), "x: 1\n")
     with pytest.raises(CheckpointError) as e:
         train(_cfg(smoke_overrides), tmp_path, log=lambda *_: None)
     msg = str(e.value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from occ_exp.models.loading import load_policy_folder
-from occ_exp.models.warmstart import cache_key
+from occ_exp.warmstart import cache_key
 from occ_exp.trainer import train
 from tests.conftest import compose_cfg
 

@@ -20,7 +20,7 @@ from occ_exp.data.benchmarks import (
 )
 from occ_exp.data.prompts import format_prompts
 from occ_exp.data.tasks import CountdownTask, Problem
-from occ_exp.trainer import PromptStream
+from occ_exp.data.prompts import PromptStream
 from tests.conftest import CONF, SHARED_BENCHMARKS, compose_cfg
 
 COUNTS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 674}

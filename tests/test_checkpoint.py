@@ -2,19 +2,22 @@
 
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
 
-from occ_exp.checkpoint import (atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
+from occ_exp.checkpoint import (TrainState, atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
                                 resolve_resume, save_checkpoint, set_aside_newer, verify_manifest)
 from occ_exp.config import ConfigError
+from occ_exp.models.loading import save_policy
 from tests.reliability_log import record
 
 
 def _save(run_dir, step, tiny_policy, keep_last=10):
     policy, tok = tiny_policy
-    return save_checkpoint(run_dir, step, policy, tok, {"step": step, "x": torch.arange(3)}, "a: 1\n", keep_last)
+    return save_checkpoint(run_dir, step, partial(save_policy, policy, tok), TrainState(step, generator=torch.arange(3)),
+                           "a: 1\n", keep_last)
 
 
 def test_save_is_complete_and_verified(tmp_path, tiny_policy):
@@ -23,6 +26,8 @@ def test_save_is_complete_and_verified(tmp_path, tiny_policy):
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert {"model/model.safetensors", "model/config.json", "trainer_state.pt", "config.yaml"} <= set(files)
     assert load_trainer_state(ckpt)["step"] == 3
+    state = TrainState.load(ckpt)
+    assert state.step == 3 and torch.equal(state.generator, torch.arange(3)) and state.optimizer is None
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
 
 
@@ -140,3 +145,18 @@ def test_sigterm_during_set_up_stops_before_the_first_step(smoke_overrides, tmp_
     assert summary["stopped_at_step"] == 1
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+
+
+def test_train_state_reads_checkpoints_written_before_it(tmp_path):
+    """trainer_state.pt written before TrainState existed (a plain dict, no rollout or W&B id) loads;
+    a TrainState writes the same keys back (and none for fields it does not have)."""
+    old = {"step": 7, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 7},
+           "rng": {"python": (3, (1,), None)}, "generator": torch.Generator().get_state(),
+           "prompts": {"epoch": 0, "pos": 3}, "coef_states": [{"ema": 0.5}], "guard": {"streak": 0, "total": 1}}
+    folder = tmp_path / "step_000007"
+    folder.mkdir()
+    torch.save(old, folder / "trainer_state.pt")
+    state = TrainState.load(folder)
+    assert state.step == 7 and state.guard == {"streak": 0, "total": 1} and state.prompts["pos"] == 3
+    assert state.rollout is None and state.wandb_id is None and state.rng_per_rank is None
+    assert set(state.to_dict()) == set(old)

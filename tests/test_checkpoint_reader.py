@@ -9,12 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from occ_exp.checkpoint import (CheckpointError, latest_complete, list_checkpoints, manifest_problems, resolve_resume,
+from occ_exp.checkpoint import (TrainState, latest_complete, list_checkpoints, manifest_problems, resolve_resume,
                                 save_checkpoint)
+from occ_exp.errors import CheckpointError
 from occ_exp.models.loading import load_pretrained, save_policy
 from tests.conftest import ROOT, compose_cfg
 from tests.reliability_log import record
@@ -22,7 +24,7 @@ from tests.reliability_log import record
 
 def _save(run_dir, step, tiny_policy, keep_last=10):
     policy, tok = tiny_policy
-    return save_checkpoint(run_dir, step, policy, tok, {"step": step}, "a: 1\n", keep_last)
+    return save_checkpoint(run_dir, step, partial(save_policy, policy, tok), TrainState(step=step), "a: 1\n", keep_last)
 
 
 def _flip(path: Path) -> None:

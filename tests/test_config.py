@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from occ_exp.config import ConfigError, validate
+from occ_exp.config import ConfigError
+from occ_exp.validation import validate
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))

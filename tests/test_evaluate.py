@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,16 +19,15 @@ from omegaconf import OmegaConf
 
 from occ_exp.data.benchmarks import Benchmark, DataError, load_benchmark
 from occ_exp.data.tasks import CountdownTask, Problem
-from occ_exp.evaluate import (
+from occ_exp.evaluate import resolve_model_path, run_evaluation
+from occ_exp.evaluation import (
     Evaluator,
     Scorers,
     avg_at_k,
     eval_metrics,
     pass_at_k,
     pass_ks,
-    resolve_model_path,
     results_table,
-    run_evaluation,
     table_from_files,
     write_eval,
 )
@@ -181,7 +181,7 @@ def test_scorers_close_only_what_they_built():
 def _result(label, accs: dict, k=32, t=0.6):
     benches = {n: {"avg@k": a, "n": 10, "k": k, "pass@k": {str(k): a}, "unparsed": 0, "timeouts": 0,
                    "response_len": 1.0} for n, a in accs.items()}
-    from occ_exp.evaluate import average
+    from occ_exp.evaluation import average
 
     return {"label": label, "k": k, "temperature": t, "top_p": 0.95, "benchmarks": benches, "average": average(benches)}
 
@@ -229,11 +229,12 @@ def test_evaluate_warm_started_tiny_model_on_two_benchmarks(smoke_overrides, tmp
 
 
 def test_evaluate_a_trainer_checkpoint_by_its_run_dir(tiny_policy, tmp_path):
-    from occ_exp.checkpoint import save_checkpoint
+    from occ_exp.checkpoint import TrainState, save_checkpoint
+    from occ_exp.models.loading import save_policy
 
     policy, tok = tiny_policy
     run = tmp_path / "run"
-    ckpt = save_checkpoint(run, 3, policy, tok, {"step": 3}, OmegaConf.to_yaml(compose_cfg(["regime=ce", "seed=2"])))
+    ckpt = save_checkpoint(run, 3, partial(save_policy, policy, tok), TrainState(3), OmegaConf.to_yaml(compose_cfg(["regime=ce", "seed=2"])))
     assert resolve_model_path(str(run)) == str(ckpt / "model")
     assert resolve_model_path(str(ckpt)) == str(ckpt / "model") == resolve_model_path(str(ckpt / "model"))
     assert resolve_model_path("org/hub-model") == "org/hub-model"

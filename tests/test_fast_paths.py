@@ -13,7 +13,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from occ_exp.rollout.decode import StaticDecoder, top_p_filter
 from occ_exp.rollout.hf import HFRollout
-from occ_exp.trainer import recompute_logp_old
+from occ_exp.learner import recompute_logp_old
 from tests.conftest import compose_cfg
 
 PROMPTS = ["Make 12 with 5 9 8.\n", "Make 100 with 10 10.\n", "Hi\n", "Make 7 with 1 2 3 4 5 6 7 8 9.\n"]
@@ -140,7 +140,7 @@ def test_compiled_learner_equals_eager(tiny_policy):
     """model.compile: the same parameters after two occ updates (2 mini-batches) as the eager learner."""
     from occ_exp.algo.coefficient import CoefficientState
     from occ_exp.algo.regimes import get_regime
-    from occ_exp.trainer import build_optimizer, learner_update
+    from occ_exp.learner import build_optimizer, learner_update
 
     policy, tok = tiny_policy
     cfg = compose_cfg(["regime=occ", "algorithm.group_size=4", "data.prompts_per_step=4", "algorithm.num_mini_batches=2"])

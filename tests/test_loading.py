@@ -67,10 +67,11 @@ def test_mimo_checkpoint_loads_exactly_and_round_trips(tmp_path):
 
     save_policy(m.policy, m.tokenizer, tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert saved["model_type"] == "qwen2" and saved["architectures"] == ["MiMoForCausalLM"]
-    assert saved["num_nextn_predict_layers"] == 1
+    # the source's identity is kept (issue 12): model_type mimo, its auto_map, bf16
+    assert saved["model_type"] == "mimo" and saved["architectures"] == ["MiMoForCausalLM"]
+    assert saved["num_nextn_predict_layers"] == 1 and saved["auto_map"]["AutoConfig"] == "configuration_mimo.MiMoConfig"
     back = load_pretrained(tmp_path / "ours", dtype=torch.bfloat16)
-    assert back.source == "occ_exp" and back.loaded_mtp_layers == [0]
+    assert back.source == "mimo" and back.loaded_mtp_layers == [0]
     again = back.policy.lm.state_dict()
     assert all(torch.equal(again[k], v) for k, v in sd.items()), "save / load is not bit for bit"
     # the tokenizer still comes back as the same Qwen2 byte-level tokenizer through AutoTokenizer

@@ -7,7 +7,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from occ_exp.data.tasks import CountdownTask
 from occ_exp.models.loading import load_pretrained
 from occ_exp.models.tiny import build_tokenizer
-from occ_exp.models.warmstart import mtp_warmup
+from occ_exp.warmstart import mtp_warmup
 from occ_exp.rollout.hf import HFRollout
 from tests.conftest import compose_cfg
 

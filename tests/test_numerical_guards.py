@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-import occ_exp.trainer as trainer_mod
+import occ_exp.learner as learner_mod
 from occ_exp.algo.coefficient import CoefficientState, occ_coefficient
 from occ_exp.algo.regimes import get_regime
+from occ_exp.learner import NonFiniteError, NonFiniteGuard, build_optimizer, learner_update
 from occ_exp.rollout.hf import HFRollout
-from occ_exp.trainer import NonFiniteError, NonFiniteGuard, build_optimizer, learner_update, train
+from occ_exp.trainer import train
 from tests.conftest import compose_cfg
 from tests.reliability_log import record
 
@@ -39,7 +40,7 @@ def setup(tiny_policy):
 
 def poison(monkeypatch, kind: str, bad_calls: set[int], policy):
     """Make mini-batch updates number `bad_calls` (0-based, counted over the test) non-finite."""
-    real = trainer_mod.mtp_term
+    real = learner_mod.mtp_term
     calls = {"n": 0}
 
     def wrapped(regime, ctx):
@@ -61,7 +62,7 @@ def poison(monkeypatch, kind: str, bad_calls: set[int], policy):
                 handle = p.register_hook(bomb)
         return term
 
-    monkeypatch.setattr(trainer_mod, "mtp_term", wrapped)
+    monkeypatch.setattr(learner_mod, "mtp_term", wrapped)
 
 
 def snapshot(policy, opt, sched, coefs):

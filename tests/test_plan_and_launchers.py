@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from occ_exp import plan as P
-from occ_exp.config import validate
+from occ_exp.validation import validate
 from tests.conftest import CONF, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_memory_shards_with_the_world_size(monkeypatch, no_weights):
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert P.world_size(cfg)[0] == 16
     monkeypatch.delenv("WORLD_SIZE")
-    assert P.world_size(cfg)[0] == 32  # distributed.nodes x gpus_per_node
+    assert P.world_size(cfg)[0] == 128  # distributed.nodes x gpus_per_node (the paper's 128 GPUs)
     no_ckpt = compose_cfg(["experiment=mimo7b_dapo", "model.gradient_checkpointing=false"])
     act = lambda m: sum(v for k, v in m.items() if k.startswith("activations"))  # noqa: E731
     assert act(P.memory_plan(no_ckpt, size, 32, True)) > 5 * act(P.memory_plan(cfg, size, 32, True))
@@ -95,7 +95,7 @@ def test_dry_run_command_exits_zero(tmp_path):
                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "memory per GPU" in out and "world size: 32" in out
+    assert "memory per GPU" in out and "world size: 128" in out and "GPU-hours" in out
 
 
 def _compose_with_hydra(overrides):
@@ -108,7 +108,7 @@ def test_slurm_launcher_composes_one_task_per_gpu():
     cfg = _compose_with_hydra(["hydra/launcher=slurm", "experiment=mimo7b_dapo"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
-    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (4, 8, 8)
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (16, 8, 8)  # 128 GPUs
     assert launcher["max_num_timeout"] > 0 and launcher["setup"]
 
 

@@ -103,6 +103,7 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_policy):
     import copy
 
     from occ_exp.models.policy import prompt_groups
+    from tests.fixtures.compare import assert_same_logps_and_grads, backward_logps
 
     policy, tok = tiny_policy
     torch.manual_seed(0)
@@ -121,12 +122,5 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_policy):
         p = copy.deepcopy(policy)
         p.share_prompts = share
         out = p(ids, attn, R)
-        mask = attn[:, -R:].float()
-        ((out.logp_main * mask).sum() + sum((lp * mask).sum() for lp in out.logp_mtp)).backward()
-        results.append((out, {n: q.grad for n, q in p.named_parameters() if q.grad is not None}))
-    (a, ga), (b, gb) = results
-    assert torch.allclose(a.logp_main, b.logp_main, atol=1e-5)
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logp_mtp, b.logp_mtp))
-    assert ga.keys() == gb.keys() and len(ga) > 10
-    for n in ga:
-        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n
+        results.append((out, backward_logps(p, out, attn, R)))
+    assert_same_logps_and_grads(*results[0], *results[1])

@@ -99,7 +99,7 @@ def test_sigterm_while_waiting_on_the_warm_start_lock_and_during_the_warm_start(
     from pathlib import Path
 
     from occ_exp.locks import file_lock
-    from occ_exp.models.warmstart import cache_key
+    from occ_exp.warmstart import cache_key
     from tests.conftest import compose_cfg
     from tests.reliability_log import record
 

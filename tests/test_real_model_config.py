@@ -2,7 +2,8 @@
 
 import pytest
 
-from occ_exp.config import ConfigError, validate
+from occ_exp.config import ConfigError
+from occ_exp.validation import validate
 from tests.conftest import compose_cfg
 
 

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from occ_exp.data.tasks import CountdownTask, _safe_eval
+from occ_exp.reward.rewards import uses_numbers
 from occ_exp.reward.verifier import extract_answer
 
 
@@ -18,7 +19,7 @@ def test_solutions_reach_the_target_with_the_given_numbers(task):
     for p in task.problems(200, seed=1, split="train"):
         sol = task.solution(p, rng)
         ans = extract_answer(sol)
-        assert CountdownTask.uses_numbers(ans, p.numbers)
+        assert uses_numbers(ans, p.numbers)
         assert _safe_eval(ans) == int(p.answer)
         assert len(sol.splitlines()) == task.num_numbers  # n-1 steps + the boxed line
 
@@ -28,7 +29,7 @@ def test_flawed_solutions_are_valid_moves_that_miss(task):
     for p in task.problems(100, seed=2, split="train"):
         sol = task.solution(p, rng, flawed=True)
         ans = extract_answer(sol)
-        assert CountdownTask.uses_numbers(ans, p.numbers)
+        assert uses_numbers(ans, p.numbers)
         assert _safe_eval(ans) != int(p.answer)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from occ_exp.threads import JOBS_ENV, cgroup_cpu_limit, choose_threads, parallel_jobs
+from occ_exp.runtime import JOBS_ENV, cgroup_cpu_limit, choose_threads, parallel_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_policy_divides_available_cores_among_jobs():
 
 
 def _threads_in(env_extra: dict, preexec=None) -> str:
-    code = "import torch\nfrom occ_exp.threads import apply_threads\nprint(apply_threads(0))\nprint(torch.get_num_threads())"
+    code = "import torch\nfrom occ_exp.runtime import set_threads\nprint(set_threads(0))\nprint(torch.get_num_threads())"
     env = {k: v for k, v in os.environ.items() if k not in (JOBS_ENV, "LOCAL_WORLD_SIZE")}
     env.update(PYTHONPATH=str(ROOT / "src"), **env_extra)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,

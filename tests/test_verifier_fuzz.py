@@ -23,7 +23,7 @@ import pytest
 
 from occ_exp.reward.verifier import MAX_ANSWER_CHARS, Verifier, extract_answer
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(1200)
 
 SEED = 20240607
 TIMEOUT_S = 1.0
@@ -31,6 +31,15 @@ NUM_WORKERS = 2
 BATCH = 100
 KILL_ONLY_SAMPLE = 300
 MARGIN_S = 5.0  # per call: start-up of replacements, kill grace, 2 shared CPU cores
+# The limit counts CPU seconds; the wall-clock backstop (WALL_FACTOR x the limit) bounds each
+# try on a busy machine, and a timed-out pair is tried twice.  Wall-clock latency therefore
+# grows with the machine's load (that is what keeps rewards independent of it): the bound is
+# scaled by the run-queue length per CPU when the batch starts.
+WALL_FACTOR = 3.0
+
+
+def _slowdown() -> float:
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 MARKER = "occ_pwned"
 GOLD = "7"
 REPO = Path(__file__).resolve().parents[1]
@@ -254,23 +263,23 @@ def _gone(pid: int) -> bool:
 def _run_mode(items: list[tuple[str, str]], soft_timeout: bool) -> dict[str, object]:
     """Score ``items`` in batches through one Verifier; assert the invariants."""
     seen_pids: set[int] = set()
-    timeouts = unparsed = crashes = 0
+    timeouts = unparsed = crashes = retried = 0
     max_call_s = 0.0
     false_positives: list[str] = []
     t_start = time.monotonic()
     # Children that other tests in this process left (none expected, but not this test's concern).
     before = {c.pid for c in psutil.Process().children(recursive=True)}
-    v = Verifier(num_workers=NUM_WORKERS, timeout_s=TIMEOUT_S, soft_timeout=soft_timeout)
+    v = Verifier(num_workers=NUM_WORKERS, timeout_s=TIMEOUT_S, soft_timeout=soft_timeout, max_wall_factor=WALL_FACTOR)
     try:
         seen_pids.update(v.worker_pids())
         for start in range(0, len(items), BATCH):
             chunk = items[start : start + BATCH]
-            t0 = time.monotonic()
+            t0, slowdown = time.monotonic(), _slowdown()
             res = v.score([text for _, text in chunk], [GOLD] * len(chunk))
             elapsed = time.monotonic() - t0
             seen_pids.update(v.worker_pids())
             max_call_s = max(max_call_s, elapsed)
-            bound = res.timeouts * TIMEOUT_S + MARGIN_S
+            bound = (res.timeouts * 2 * WALL_FACTOR * TIMEOUT_S + MARGIN_S) * max(slowdown, _slowdown())
             assert elapsed <= bound, f"batch at {start}: {elapsed:.2f}s > {bound:.2f}s ({res.timeouts} timeouts)"
             assert len(res.scores) == len(chunk)
             for (cat, text), s in zip(chunk, res.scores):
@@ -280,6 +289,7 @@ def _run_mode(items: list[tuple[str, str]], soft_timeout: bool) -> dict[str, obj
             timeouts += res.timeouts
             unparsed += res.unparsed
             crashes += res.crashes
+            retried += res.retried
         assert not false_positives, false_positives[:10]
 
         # The pool still works after all of that.
@@ -318,6 +328,7 @@ def _run_mode(items: list[tuple[str, str]], soft_timeout: bool) -> dict[str, obj
         "timeouts": timeouts,
         "unparsed": unparsed,
         "crashes": crashes,
+        "timeout_retries": retried,
         "worker_kills": kills,
         "worker_restarts": restarts,
         "worker_processes_seen": len(seen_pids),
@@ -353,7 +364,8 @@ def test_hostile_inputs() -> None:
         "num_workers": NUM_WORKERS,
         "timeout_s": TIMEOUT_S,
         "batch_size": BATCH,
-        "latency_bound_per_call": "timeouts * timeout_s + %.1f s" % MARGIN_S,
+        "latency_bound_per_call": "(timeouts * 2 tries * %.0f x timeout_s (wall backstop) + %.1f s) x max(1, load/CPUs)"
+        % (WALL_FACTOR, MARGIN_S),
         "injection_markers_created": 0,
         "modes": {"soft_alarm": soft, "kill_only": kill_only},
         "python": sys.version.split()[0],

@@ -12,8 +12,9 @@ import torch
 from tests.conftest import compose_cfg
 from occ_exp.models.loading import save_policy
 from occ_exp.models.mtp import init_mtp_from_trunk
-from occ_exp.rollout.base import build_rollout, sampling
-from occ_exp.trainer import recompute_logp_old
+from occ_exp.rollout import build_rollout
+from occ_exp.rollout.base import sampling
+from occ_exp.learner import recompute_logp_old
 
 pytestmark = [
     pytest.mark.vllm,
@@ -141,7 +142,8 @@ import sys, torch, torch.distributed as dist
 sys.path[:0] = [{src!r}, {root!r}]
 from tests.conftest import compose_cfg
 from occ_exp.models.loading import build_tiny_policy
-from occ_exp.rollout.base import build_rollout, sampling
+from occ_exp.rollout import build_rollout
+from occ_exp.rollout.base import sampling
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

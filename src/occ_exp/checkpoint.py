@@ -3,15 +3,26 @@
     <run dir>/checkpoints/step_000050/
         model/               Hugging Face folder: config.json, model.safetensors (trunk + MTP
                              layers as model.mtp_layers.{i}.*), tokenizer files
-        trainer_state.pt     optimizer, scheduler, step, RNG states, data position, OCC state
+        trainer_state.pt     `TrainState`: step, optimizer, scheduler, RNG states, data position,
+                             OCC estimator and numerical-guard state, rollout engine state, W&B id
         config.yaml          the resolved run config
         manifest.json        file sizes and sha256, written last
 
-A checkpoint is written under a temporary name (`.tmp_step_N_<pid>`), its files fsynced and
+A checkpoint is written under a temporary name (`.tmp_step_N_<pid>@<host>`), its files fsynced and
 hashed into the manifest, and then renamed: a kill in the middle of saving leaves the previous
 checkpoint as the newest complete one, and `latest_complete` skips any folder whose manifest does
 not check out. `keep_last` prunes older checkpoints only after the new one is complete, and never
-counts an incomplete one among those it keeps.
+counts an incomplete one among those it keeps; temporary folders of other processes are removed only
+when their writer is provably dead (`abandoned`).
+
+Every reader checks the manifest: resume (`resolve_resume`; a run whose every checkpoint is damaged
+stops instead of starting over), and `model.path` in training and evaluation
+(`verify_model_folder`, called by occ_exp.models.loading.load_pretrained). A problem is named by
+file (`manifest_problems`); unreadable files and folders count as damaged.
+
+This module imports no model code: `save_checkpoint` takes a model-writer callable (the trainer
+passes occ_exp.models.loading.save_policy bound to its policy), and the reader
+(occ_exp.builders.resume_from) loads the model folder itself.
 """
 
 from __future__ import annotations
@@ -19,38 +30,50 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import socket
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 
+from occ_exp.errors import CheckpointError, ConfigError
 from occ_exp.faults import fault_point
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 HOST = socket.gethostname()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is damaged, cannot be found, or does not fit the configured model."""
+@dataclass
+class TrainState:
+    """Everything besides the weights that a run needs to resume exactly (trainer_state.pt). The
+    field names are the file's keys, as written before this class existed, so older checkpoints
+    load unchanged; fields they lack stay None."""
 
+    step: int
+    optimizer: dict | None = None  # the full optimizer state (occ_exp.distributed.optimizer_state_dict)
+    scheduler: dict | None = None
+    rng: dict | None = None  # this process's RNGs (occ_exp.runtime.rng_state)
+    generator: torch.Tensor | None = None  # the mini-batch shuffler's torch.Generator state
+    prompts: dict | None = None  # the data position (data.prompts.PromptStream)
+    coef_states: list[dict] = field(default_factory=list)  # OCC estimator state, one per MTP depth
+    guard: dict | None = None  # the learner's NonFiniteGuard counters
+    rollout: dict | None = None  # the rollout engine's own state (Rollout.state_dict)
+    rng_per_rank: list[dict] | None = None  # every rank's RNGs (sharded runs only)
+    wandb_id: str | None = None  # the W&B run this run logs to
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    @classmethod
+    def from_dict(cls, state: dict) -> "TrainState":
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    @classmethod
+    def load(cls, ckpt: Path) -> "TrainState":
+        return cls.from_dict(load_trainer_state(ckpt))
 
 
 def _sha256(path: Path) -> str:
@@ -201,8 +224,6 @@ def resolve_resume(run_dir: Path, resume: str, log=None) -> Path | None:
     the path of one checkpoint folder, which must be complete. Under auto, a run dir whose every
     checkpoint is damaged is a CheckpointError listing them (nothing is moved: starting over from
     step 0 takes an explicit trainer.resume=never)."""
-    from occ_exp.config import ConfigError
-
     if resume == "never":
         return None
     if resume == "auto":
@@ -237,12 +258,10 @@ def set_aside_newer(run_dir: Path, step: int, log=None) -> None:
             log(f"checkpoint {p.name} is newer than the resumed step {step}; moved to {target}")
 
 
-def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: dict, config_yaml: str,
-                    keep_last: int = 2, model_state_dict: dict | None = None) -> Path:
-    """`model_state_dict`: the full state dict of `policy.lm` when the policy itself is sharded
-    (FSDP2; see occ_exp.distributed.full_model_state_dict). Call on one rank only."""
-    from occ_exp.models.loading import save_policy
-
+def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], state: TrainState,
+                    config_yaml: str, keep_last: int = 2) -> Path:
+    """Checkpoint `step`: `write_model(folder)` writes the model folder (e.g. save_policy bound to
+    the policy, its tokenizer and, under FSDP2, the gathered full state dict). Call on one rank only."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -250,8 +269,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_policy(policy, tokenizer, tmp / "model", state_dict=model_state_dict)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    write_model(tmp / "model")
+    torch.save(state.to_dict(), tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     fault_point("during_save", step)
     write_manifest(tmp)

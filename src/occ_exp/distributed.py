@@ -36,8 +36,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
+from submitit.helpers import TorchDistributedEnvironment
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from occ_exp.rollout.base import RolloutBatch
+from occ_exp.runtime import pick_device, rng_state
 
 
 @dataclass
@@ -116,10 +126,11 @@ class Dist:
         """This rank's slice of a global mini-batch's row indices (equal slices)."""
         return torch.tensor_split(idx, self.world_size)[self.rank] if self.world_size > 1 else idx
 
-    def gather_rollouts(self, batch: RolloutBatch, prompts_per_rank: int) -> RolloutBatch:
+    def gather_rollouts(self, batch, prompts_per_rank: int):
         """Every rank's rollout batch, concatenated in rank order (rank r's prompts are the r-th
         share of the step's prompts, so the result is laid out as one process would lay it out).
-        Prompt widths are re-padded on the left and response widths on the right."""
+        Prompt widths are re-padded on the left and response widths on the right. `batch` is an
+        occ_exp.rollout.base.RolloutBatch (duck-typed: plumbing imports no noun)."""
         if not (self.enabled and self.world_size > 1):
             return batch
         P = self.max(batch.prompt_len)
@@ -127,7 +138,7 @@ class Dist:
         b = pad_batch(batch, P, R)
         b.prompt_index = b.prompt_index + self.rank * prompts_per_rank
         rows = {}
-        for name in RolloutBatch._ROWS:
+        for name in b._ROWS:
             v = getattr(b, name)
             if v is None:
                 rows[name] = None
@@ -138,14 +149,14 @@ class Dist:
             tdist.all_gather(parts, send.contiguous())
             rows[name] = torch.cat(parts).to(v.device, v.dtype)
         texts = [t for part in self.all_gather_object(b.texts) for t in part]
-        return RolloutBatch(prompt_len=P, texts=texts, stats={}, **rows)
+        return b._replace(texts=texts, **rows)
 
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():
             tdist.destroy_process_group()
 
 
-def pad_batch(batch: RolloutBatch, P: int, R: int) -> RolloutBatch:
+def pad_batch(batch, P: int, R: int):
     """The same rows with the prompt left-padded to width P and the response right-padded to R."""
     dp, dr = P - batch.prompt_len, R - batch.response_len
     if dp == 0 and dr == 0:
@@ -169,8 +180,6 @@ def _export_slurm_env() -> None:
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
-    from submitit.helpers import TorchDistributedEnvironment
-
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
@@ -179,8 +188,6 @@ def init_distributed(dist_cfg, device_name: str = "auto") -> Dist:
     environment; without one, a single process with no process group."""
     _export_slurm_env()
     if "WORLD_SIZE" not in os.environ:
-        from occ_exp.trainer import pick_device
-
         return Dist(device=pick_device(device_name))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -197,8 +204,6 @@ def init_distributed(dist_cfg, device_name: str = "auto") -> Dist:
     if owns:
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=dist_cfg.timeout_min),
                                  device_id=device if use_cuda else None)
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(device.type, (world,))
     return Dist(rank, world, local_rank, device, True, mesh, owns)
 
@@ -235,8 +240,6 @@ def shard_policy(policy, dist: Dist, dist_cfg):
     the global sum divided by the global token count."""
     if not dist.enabled:
         return policy
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     param_dtype = compute_dtype(dist_cfg, dist.device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=None)
     kw = dict(mesh=dist.mesh, mp_policy=mp, reshard_after_forward=dist_cfg.reshard_after_forward)
@@ -323,8 +326,6 @@ def full_model_state_dict(policy, dist: Dist) -> dict | None:
     A collective: every rank must call it. Without a process group: None (save as before)."""
     if not dist.enabled:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main:
         return None
@@ -333,8 +334,6 @@ def full_model_state_dict(policy, dist: Dist) -> dict | None:
 
 def load_full_model_state_dict(policy, lm_state: dict | None, dist: Dist) -> None:
     """Load a full `policy.lm` state dict (read on rank 0 only) into the sharded policy."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     sd = {f"lm.{k}": v for k, v in (lm_state or {}).items()}
     set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
@@ -345,8 +344,6 @@ def optimizer_state_dict(policy, optimizer, dist: Dist) -> dict | None:
     (a collective; marked by `FQN_OPTIMIZER`)."""
     if not dist.enabled:
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     sd = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {FQN_OPTIMIZER: True, **sd} if dist.is_main else None
 
@@ -363,17 +360,13 @@ def load_optimizer_state_dict(policy, optimizer, state: dict | None, dist: Dist)
                              "one process, or start the sharded run from its model folder (model.path=...)")
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     sd = {k: v for k, v in (state or {}).items() if k != FQN_OPTIMIZER}
     set_optimizer_state_dict(policy, optimizer, sd,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.enabled))
 
 
-def extra_trainer_state(dist: Dist) -> dict:
-    """Every rank's RNG state (rank r samples its own share of the prompts); empty in one process."""
+def rng_per_rank(dist: Dist) -> list[dict] | None:
+    """Every rank's RNG state (rank r samples its own share of the prompts); None in one process."""
     if not (dist.enabled and dist.world_size > 1):
-        return {}
-    from occ_exp.checkpoint import rng_state
-
-    return {"rng_per_rank": dist.all_gather_object(rng_state())}
+        return None
+    return dist.all_gather_object(rng_state())

@@ -39,6 +39,8 @@ import threading
 import time
 from datetime import timedelta
 
+import torch.distributed as dist
+
 EXIT_CODE = 70  # EX_SOFTWARE: "a peer rank failed"
 _PREFIX = "occ_exp_watchdog"  # keys: <prefix>/hb/<rank>, info/<rank>, done/<rank>, fault
 
@@ -49,8 +51,6 @@ class PeerFailure(RuntimeError):
 
 def _connect_store(timeout_s: float):
     """A client of the job's c10d store (torchrun's agent store, or rank 0's TCPStore for env://)."""
-    import torch.distributed as dist
-
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
@@ -77,8 +77,6 @@ def _pid_gone(pid: int) -> bool:
 
 def is_communication_error(exc: BaseException) -> bool:
     """Whether an exception looks like the symptom of a peer's fault (a failed collective)."""
-    import torch.distributed as dist
-
     if isinstance(exc, (dist.DistError, PeerFailure)):
         return True
     text = str(exc).lower()
@@ -100,8 +98,6 @@ class PeerWatchdog:
 
     def __init__(self, timeout_s: float = 60.0, interval_s: float | None = None, *, rank: int | None = None,
                  world_size: int | None = None, store=None, on_fault=None, log=None):
-        import torch.distributed as dist
-
         self.rank = dist.get_rank() if rank is None else rank
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self.timeout_s = float(timeout_s)
@@ -120,8 +116,6 @@ class PeerWatchdog:
     def start(self) -> "PeerWatchdog":
         if self.world_size < 2 or self._thread is not None:
             return self
-        import torch.distributed as dist
-
         base = self._base_store if self._base_store is not None else _connect_store(max(self.timeout_s, 30.0))
         self.store = dist.PrefixStore(_PREFIX, base)
         self.store.set(f"info/{self.rank}", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))

@@ -1,6 +1,22 @@
-"""The pieces that let one optimiser step run on a mini-batch split into micro-batches (gradient
-accumulation, dynamic batch by token count) and across ranks, with the same result as one
-forward/backward on the whole mini-batch in one process.
+"""The learner phase of one step: from one rollout batch (rewards in) to the optimiser steps done.
+
+    compute_advantages(batch, rewards)      overlong shaping, group-normalised advantages
+    set_logp_old(policy, batch)             logp_old: the learner's forward, or the sampler's
+    learner_update(policy, ..., batch)      ppo_epochs x num_mini_batches optimiser steps:
+      optimizer_step(u, batch, idx)           one mini-batch (this rank's equal slice of it)
+        split_micro_batches                     micro-batches of at most max_tokens_per_micro_batch tokens
+        lambda_before_backward                  OCC's lambda_t on the whole mini-batch (split only)
+        micro_batch_backward                    forward, RL loss + the regime's MTP term, backward
+          run_exact_diagnostics                   exact c and v2, Taylor check (diagnosed steps)
+          backward                                loss.backward(), or the probe's per-loss gradients
+        clip_gradients, apply_or_skip           global norms, clip; step or skip (NonFiniteGuard)
+
+lambda_t's path: algo.regimes.mtp_term -> the regime's term (occ) -> MTPContext.occ_coef -> the
+estimator (algo.coefficient.occ_coefficient itself for estimator=paper).
+
+Splitting a mini-batch into micro-batches (gradient accumulation, dynamic batch by token count)
+and across ranks gives the same result as one forward/backward on the whole mini-batch in one
+process.
 
 Why the result is the same:
   - Losses: every part's loss is its sum over tokens (sequences) divided by the mini-batch's
@@ -23,12 +39,19 @@ Why the result is the same:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
-from occ_exp.algo.regimes import MTPContext
+from occ_exp.algo.advantages import ADVANTAGES
+from occ_exp.algo.policy_loss import POLICY_LOSSES
+from occ_exp.algo.regimes import MTPContext, MTPTerm, Regime, mtp_term
+from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
+from occ_exp.distributed import Dist, clip_grads, grad_norm
 from occ_exp.models.policy import PolicyOutput
 from occ_exp.rollout.base import RolloutBatch
 
@@ -114,8 +137,6 @@ def whole_view(rows: list[torch.Tensor], outs: list[PolicyOutput], micro: list[R
     ]
     local = torch.stack([_pad_cat([p.to(dist.device) for p in f], width, order.to(dist.device)) for f in fields])
     if dist.enabled and dist.world_size > 1:
-        import torch.distributed as tdist
-
         parts = [torch.empty_like(local) for _ in range(dist.world_size)]
         tdist.all_gather(parts, local.contiguous())
         local = torch.cat(parts, dim=1)
@@ -157,3 +178,302 @@ class MetricAccumulator:
         w = max(t[-1], 1e-12)
         n_sum = len(self.sums)
         return {k: (v if i < n_sum else v / w) for i, (k, v) in enumerate(zip(keys, t[:-1]))}
+
+
+# -- the numerical guard -------------------------------------------------------------------------
+class NonFiniteError(RuntimeError):
+    """Too many optimiser updates in a row had a non-finite loss, gradient norm or lambda."""
+
+
+class NonFiniteGuard:
+    """Numerical guard of the learner: an optimiser update whose loss, gradient norm or MTP
+    coefficient is not finite is skipped (weights, optimiser, scheduler and OCC estimator state
+    untouched) and counted; `max_consecutive` skips in a row stop the run with NonFiniteError.
+    Its counters are part of a checkpoint."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.total = 0
+
+    def skip(self, step: int, loss: float, grad_norm: float, coefs: list[float]) -> bool:
+        values = {"loss": loss, "grad_norm": grad_norm, **{f"lambda_d{k + 1}": c for k, c in enumerate(coefs)}}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            self.streak = 0
+            return False
+        self.streak += 1
+        self.total += 1
+        if self.streak >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.streak} optimiser updates in a row had non-finite values (last at step {step}: "
+                f"{', '.join(f'{k}={v}' for k, v in bad.items())}); each was skipped and the weights are unchanged. "
+                "Lower optimizer.lr or regime.lambda_plus, check the data, or raise trainer.max_consecutive_skips; "
+                "then resume from the last checkpoint."
+            )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.total = int(state["streak"]), int(state["total"])
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def build_optimizer(opt_cfg, policy, regime):
+    if not regime.train_heads:
+        for p in policy.mtp_parameters():
+            p.requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if opt_cfg.name != "adamw":
+        raise ValueError(f"optimizer={opt_cfg.name!r} is not supported; choose adamw")
+    opt = torch.optim.AdamW(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                            weight_decay=opt_cfg.weight_decay)
+    warm = opt_cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return opt, sched
+
+
+# -- before the updates: advantages and logp_old ----------------------------------------------------
+def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer, then linearly down to -penalty."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
+
+
+def compute_advantages(batch: RolloutBatch, rewards: torch.Tensor, cfg) -> None:
+    """batch.rewards and batch.advantages: group-normalised rewards after the overlong shaping."""
+    a = cfg.algorithm
+    shaped = rewards + overlong_shaping(batch.response_mask.sum(-1), cfg.rollout.max_new_tokens, a.overlong_buffer,
+                                        a.overlong_penalty)
+    batch.rewards = rewards
+    batch.advantages = ADVANTAGES[a.advantage](shaped, a.group_size, a.adv_eps)
+
+
+@torch.no_grad()
+def recompute_logp_old(policy, batch: RolloutBatch, chunk: int, max_tokens: int = 0, dist=None) -> torch.Tensor:
+    """The learner's log-probs of the sampled tokens, in chunks of `chunk` rows, or in micro-batches
+    of at most `max_tokens` padded tokens (the same count on every rank)."""
+    policy.eval()
+    B = batch.input_ids.shape[0]
+    parts = (micro_batch_indices(row_lengths(batch), max_tokens, dist) if max_tokens
+             else [torch.arange(s, min(s + chunk, B)) for s in range(0, B, chunk)])
+    logp = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for idx in parts:
+        mb = batch.select(idx).compact() if max_tokens else batch.select(idx)
+        out = policy(mb.input_ids, mb.attention_mask, mb.response_len, with_mtp=False)
+        logp[idx, : mb.response_len] = out.logp_main.float()
+    return logp.masked_fill(~batch.response_mask, 0.0)
+
+
+def set_logp_old(policy, batch: RolloutBatch, cfg, dist) -> dict:
+    """batch.logp_old: the learner's own log-probs (algorithm.recompute_logp_old) or the sampler's;
+    returns the learner-vs-sampler gap as metrics."""
+    a = cfg.algorithm
+    if not a.recompute_logp_old:
+        batch.logp_old = batch.logp_sampler
+        return {}
+    batch.logp_old = recompute_logp_old(policy, batch, chunk=max(1, batch.input_ids.shape[0] // a.num_mini_batches),
+                                        max_tokens=a.max_tokens_per_micro_batch, dist=dist)
+    diff = (batch.logp_old - batch.logp_sampler).abs()[batch.response_mask]
+    return {"rollout/logp_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
+            "rollout/logp_diff_max": float(diff.max()) if diff.numel() else 0.0}
+
+
+# -- the updates ------------------------------------------------------------------------------------
+def minibatch_indices(n_groups: int, group_size: int, num_mini_batches: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle whole groups, split them into mini-batches, return sample indices."""
+    order = torch.randperm(n_groups, generator=gen)
+    return [
+        (g.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+        for g in torch.tensor_split(order, num_mini_batches)
+        if len(g)
+    ]
+
+
+def mean_dict(rows: list[dict]) -> dict:
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        for k, v in r.items():
+            acc[k].append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+@dataclass
+class Update:
+    """What every optimiser step of one learner phase shares: the policy, its optimiser and
+    scheduler, the regime, the run config, the state kept across steps (OCC estimator, guard)."""
+
+    policy: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    regime: Regime
+    cfg: object
+    coef_states: list
+    dist: Dist
+    guard: NonFiniteGuard
+    step: int
+    params: list = field(init=False)
+    trunk_params: list = field(init=False)
+    mtp_params: list = field(init=False)
+
+    def __post_init__(self):
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.trunk_params = [p for p in self.policy.trunk_parameters() if p.requires_grad]
+        self.mtp_params = [p for p in self.policy.mtp_parameters() if p.requires_grad]
+
+    def rl_objective(self, out, mb: RolloutBatch, denom: Denominators):
+        a = self.cfg.algorithm
+        return POLICY_LOSSES[a.policy_loss](out.logp_main, mb.logp_old, mb.advantages, mb.response_mask,
+                                            clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
+                                            num_tokens=denom.tokens, num_seqs=denom.seqs)
+
+
+def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cfg, coef_states, gen,
+                   dist=None, guard: NonFiniteGuard | None = None, step: int = 0, diagnose: bool = False) -> dict:
+    """Several clipped-policy-gradient updates on one rollout batch, with the regime's MTP term.
+
+    Each optimiser step sees one mini-batch; under several ranks each rank holds an equal slice of
+    it, and each slice is cut into micro-batches of at most `algorithm.max_tokens_per_micro_batch`
+    tokens whose gradients accumulate (the module docstring explains why the result is the same).
+    Updates with a non-finite loss, gradient norm or lambda are skipped (see NonFiniteGuard); the
+    values it checks are global (reduced over ranks), so every rank skips the same updates.
+    `diagnose`: exact diagnostics on the last mini-batch (see occ_exp.diagnostics)."""
+    a = cfg.algorithm
+    u = Update(policy, optimizer, scheduler, regime, cfg, coef_states, dist or Dist(),
+               guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips), step)
+    rows = []
+    policy.train()
+    for epoch in range(a.ppo_epochs):
+        mbs = minibatch_indices(batch.input_ids.shape[0] // a.group_size, a.group_size, a.num_mini_batches, gen)
+        for i, idx in enumerate(mbs):
+            last = epoch == a.ppo_epochs - 1 and i == len(mbs) - 1
+            rows.append(optimizer_step(u, batch, idx, diagnose=diagnose and last))
+    return summarize_updates(rows, u.guard)
+
+
+def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: bool = False) -> dict:
+    """One optimiser step on the mini-batch `idx` of `batch` (this rank's slice of it, in
+    micro-batches); returns its metrics row."""
+    mb = batch.select(u.dist.share_of(idx))
+    micro = split_micro_batches(mb, u.cfg.algorithm.max_tokens_per_micro_batch, u.dist)
+    split = len(micro) > 1 or u.dist.world_size > 1
+    denom = Denominators.of(mb, u.dist) if split else Denominators(None, None)
+    coef_before = [c.state_dict() for c in u.coef_states]
+    advantages = batch.advantages[idx]
+    coefs = lambda_before_backward(u, micro, advantages) if len(micro) > 1 else None
+    u.optimizer.zero_grad(set_to_none=True)
+    acc, diag = MetricAccumulator(), {}
+    for rows, m in micro:
+        out = u.policy(m.input_ids, m.attention_mask, m.response_len,
+                       detach_trunk=u.regime.detach_trunk, detach_head=u.regime.detach_head)
+        if split and u.regime.estimates_coef and coefs is None:  # one micro-batch per rank: its own forward
+            coefs = estimate_coefs(u.regime, [rows], [out], [m], advantages, u.cfg, u.coef_states, u.dist)
+        term, metrics, diag = micro_batch_backward(u, m, out, denom, coefs, diagnose=diagnose and not split)
+        acc.add(metrics, weight=float(m.response_mask.sum()))
+    metrics = acc.reduce(u.dist)
+    gnorm, trunk_gnorm, mtp_gnorm = clip_gradients(u)
+    skipped = apply_or_skip(u, metrics["train/loss"], float(gnorm), term.coefs, coef_before)
+    return {
+        **metrics, "train/grad_norm": float(gnorm), "train/trunk_grad_norm": float(trunk_gnorm),
+        "mtp/grad_norm": float(mtp_gnorm), "train/skipped_steps": float(skipped),
+        "train/lr": u.scheduler.get_last_lr()[0],
+        "mtp/coef": term.coefs[0] if term.coefs else 0.0,
+        **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)},
+        **diag,
+    }
+
+
+def lambda_before_backward(u: Update, micro: list[tuple[torch.Tensor, RolloutBatch]],
+                           advantages: torch.Tensor) -> list[torch.Tensor] | None:
+    """lambda_k of a mini-batch cut into several micro-batches, from no-grad forwards of all of
+    them before any backward (None when the regime's lambda is not estimated)."""
+    if not u.regime.estimates_coef:
+        return None
+    with torch.no_grad():
+        outs = [u.policy(m.input_ids, m.attention_mask, m.response_len) for _, m in micro]
+    return estimate_coefs(u.regime, [r for r, _ in micro], outs, [m for _, m in micro], advantages, u.cfg,
+                          u.coef_states, u.dist)
+
+
+def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, coefs, diagnose: bool = False):
+    """RL loss + the regime's MTP term on one micro-batch, and its backward; returns the term,
+    the micro-batch's metrics and (when `diagnose`) the exact diagnostics."""
+    rl_loss, pm = u.rl_objective(out, m, denom)
+    # per-loss gradients, taken only if an estimator or the diagnostics ask (one micro-batch)
+    probe = GradientProbe(rl_loss, u.trunk_params, u.mtp_params)
+    ctx = MTPContext(out, m.logp_old, m.advantages, m.response_mask, u.cfg.regime, u.cfg.algorithm, u.coef_states,
+                     num_tokens=denom.tokens, num_seqs=denom.seqs, coefs=coefs, policy=u.policy, probe=probe)
+    term = mtp_term(u.regime, ctx)
+    loss = rl_loss + term.loss
+    diag = run_exact_diagnostics(u, m, denom, probe, term, ctx) if diagnose else {}
+    backward(loss, term, probe)
+    metrics = {"train/loss": loss.item(), "train/rl_loss": rl_loss.item(), "mtp/term": term.loss.item(),
+               **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, m.response_mask)}
+    return term, metrics, diag
+
+
+def run_exact_diagnostics(u: Update, m: RolloutBatch, denom: Denominators, probe: GradientProbe, term: MTPTerm,
+                          ctx: MTPContext) -> dict:
+    """diag/* metrics of the mini-batch (one micro-batch in one process; see occ_exp.diagnostics)."""
+
+    def objective():  # the RL loss at the current weights (the Taylor check)
+        return u.rl_objective(u.policy(m.input_ids, m.attention_mask, m.response_len, with_mtp=False), m, denom)[0]
+
+    return exact_diagnostics(probe, term, ctx, u.cfg.diagnostics, objective, lr=u.scheduler.get_last_lr()[0])
+
+
+def backward(loss: torch.Tensor, term: MTPTerm, probe: GradientProbe) -> None:
+    """loss.backward(), or the same gradient assembled from the per-loss gradients the probe took."""
+    if probe.used:
+        probe.backward(term)
+    else:
+        loss.backward()
+
+
+def clip_gradients(u: Update) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global gradient norms (all, trunk, MTP layers; over ranks) and the clip to optimizer.grad_clip."""
+    mtp_gnorm, trunk_gnorm = grad_norm(u.mtp_params, u.dist), grad_norm(u.trunk_params, u.dist)
+    gnorm = torch.hypot(mtp_gnorm, trunk_gnorm)  # params = trunk + MTP layers
+    clip_grads(u.params, u.cfg.optimizer.grad_clip, gnorm)
+    return gnorm, trunk_gnorm, mtp_gnorm
+
+
+def apply_or_skip(u: Update, loss: float, gnorm: float, coefs: list[float], coef_before: list[dict]) -> bool:
+    """Optimiser and scheduler step, or, when a value is not finite, no step and the OCC estimator
+    state rolled back (NonFiniteGuard); True if skipped."""
+    if u.guard.skip(u.step, loss, gnorm, coefs):
+        u.optimizer.zero_grad(set_to_none=True)
+        for c, s in zip(u.coef_states, coef_before):
+            c.load_state_dict(s)
+        return True
+    u.optimizer.step()
+    u.scheduler.step()
+    return False
+
+
+def summarize_updates(rows: list[dict], guard: NonFiniteGuard) -> dict:
+    """The learner phase's metrics: means over its optimiser steps, skipped steps summed."""
+    metrics = mean_dict(rows)
+    metrics["train/skipped_steps"] = sum(r["train/skipped_steps"] for r in rows)  # optimiser steps skipped
+    metrics["train/skipped_steps_total"] = guard.total
+    coefs = [r["mtp/coef"] for r in rows]
+    metrics["mtp/coef_first"], metrics["mtp/coef_last"] = coefs[0], coefs[-1]
+    return metrics
+
+
+def rollout_metrics(batch: RolloutBatch, group_size: int) -> dict:
+    """Reward and response statistics of the step's (gathered) rollout batch."""
+    rewards, lengths = batch.rewards, batch.response_mask.sum(-1)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/solve_all_frac": float((rewards.view(-1, group_size).min(1).values > 0).float().mean()),
+        "reward/solve_none_frac": float((rewards.view(-1, group_size).max(1).values <= 0).float().mean()),
+        "rollout/response_len": float(lengths.float().mean()),
+        "rollout/truncated_frac": float(batch.truncated.float().mean()),
+        "rollout/tokens": int(batch.attention_mask.sum()),  # prompt + response tokens of the step
+    }

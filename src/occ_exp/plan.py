@@ -6,6 +6,9 @@ The model is sized from its config.json (a local folder, or the Hugging Face cac
 else from the public architecture table below, and instantiated on the meta device to count
 parameters exactly. The memory estimate per GPU is a transparent sum of named parts (printed);
 it is an estimate, not a measurement: scripts/gpu_check.sh measures the real peak on a GPU.
+The plan also gives the fewest GPUs the estimate fits on and the GPU-hours of the whole run (from
+the model FLOPs at assumed efficiencies, printed with it). `check_resources` is the one-line
+refusal a real run gives before loading weights when the machine has too few GPUs for it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from occ_exp.builders import build_task
+from occ_exp.config import ConfigError
+from occ_exp.data.benchmarks import TINY_HELD_OUT
+from occ_exp.distributed import world_size_from_env
+from occ_exp.models.policy import MTPPolicy
+from occ_exp.models.tiny import build_tokenizer, tiny_config
+from occ_exp.validation import validate
 
 GiB = 1024**3
 CARD_GIB = 80.0  # an H100 / A100-80GB
 PROMPT_TOKENS = 512  # assumed prompt length of file-backed data sets (a dry run reads no data)
+# GPU-hours: a dense bf16 peak (H100 SXM) and the fractions of it the learner (forward + backward)
+# and generation (memory-bound decoding) reach; assumptions, printed with the estimate
+PEAK_FLOPS = 989e12
+LEARNER_MFU = 0.30
+ROLLOUT_MFU = 0.06
+# problems per benchmark (a dry run reads no data); benchmark=tiny draws TINY_HELD_OUT problems
+BENCHMARK_SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675}
 
 # Public config.json values of the checkpoints the presets name (used when no config.json is local).
 KNOWN_ARCHS = {
@@ -38,21 +60,15 @@ _ALIASES = [(r"mimo[-_]?7b", "mimo-7b"), (r"qwen2?\.?5?[-_]?7b", "qwen2.5-7b"), 
 # -- the model's size -------------------------------------------------------------------------------
 def model_config(model_cfg):
     """(Qwen2Config, where it came from) without loading weights."""
-    from transformers import Qwen2Config
-
     if model_cfg.path is None:
-        from occ_exp.models.tiny import build_tokenizer, tiny_config
-
         return tiny_config(model_cfg.arch, build_tokenizer(), model_cfg.num_mtp_layers), "built in code (tiny)"
     path = str(model_cfg.path)
     local = Path(path) / "config.json"
     if not local.exists():
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             cached = try_to_load_from_cache(path, "config.json")
             local = Path(cached) if isinstance(cached, str) else local
-        except Exception:  # not a hub id, or no hub library: fall through to the table
+        except Exception:  # not a hub id, or not in the cache: fall through to the table
             pass
     if local.exists():
         d = json.loads(local.read_text())
@@ -62,8 +78,6 @@ def model_config(model_cfg):
     for pattern, name in _ALIASES:
         if re.search(pattern, key):
             return Qwen2Config(**KNOWN_ARCHS[name]), f"known-size table ({name}; config.json not on this machine)"
-    from occ_exp.config import ConfigError
-
     raise ConfigError(f"model.path: {model_cfg.name!r} ({path}) has no config.json locally and not in the known-size table "
                      f"{sorted(KNOWN_ARCHS)}; download the config (huggingface-cli download {path} config.json)")
 
@@ -77,6 +91,7 @@ class ModelSize:
     largest_unit: int  # the largest FSDP2 unit (a decoder or MTP layer)
     matmul_per_token: int  # parameters a token multiplies through (trunk layers, K MTP layers, 1+K LM heads)
     layers: int  # decoder layers + MTP layers
+    num_mtp_layers: int
     hidden: int
     intermediate: int
     vocab: int
@@ -85,11 +100,6 @@ class ModelSize:
 
 def model_size(config, num_mtp_layers: int) -> ModelSize:
     """Exact parameter counts from the architecture, on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from occ_exp.models.policy import MTPPolicy
-
     config.num_nextn_predict_layers = num_mtp_layers
     with torch.device("meta"):  # the architecture's own class (Qwen2, MiMo, Llama for SmolLM2, ...)
         policy = MTPPolicy(AutoModelForCausalLM.from_config(config), num_mtp_layers)
@@ -103,7 +113,7 @@ def model_size(config, num_mtp_layers: int) -> ModelSize:
     head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
     return ModelSize(
         total=total, mtp=mtp, embed=V * H, root=total - trunk_layers - mtp,
-        largest_unit=max(count(m) for m in layers), layers=len(layers),
+        largest_unit=max(count(m) for m in layers), layers=len(layers), num_mtp_layers=num_mtp_layers,
         matmul_per_token=trunk_layers + mtp + (1 + num_mtp_layers) * V * H,
         hidden=H, intermediate=config.intermediate_size, vocab=V, kv_dim=config.num_key_value_heads * head_dim,
     )
@@ -121,11 +131,6 @@ def prompt_tokens(cfg) -> int:
     """The longest prompt: measured on the procedural tiny task, assumed for file-backed data."""
     if cfg.data.name != "tiny" or cfg.model.path is not None:
         return PROMPT_TOKENS
-    import random
-
-    from occ_exp.builders import build_task
-    from occ_exp.models.tiny import build_tokenizer
-
     task, tok, rng = build_task(cfg.data), build_tokenizer(), random.Random(0)
     return max(len(tok(task.sample(rng, "train").prompt)["input_ids"]) for _ in range(64))
 
@@ -139,8 +144,6 @@ def rows_per_micro_batch(cfg, world: int, seq: int) -> int:
 
 
 def world_size(cfg) -> tuple[int, str]:
-    from occ_exp.distributed import world_size_from_env
-
     env = world_size_from_env()
     if env is not None:
         return env, "environment (torchrun / Slurm)"
@@ -187,9 +190,80 @@ def memory_plan(cfg, size: ModelSize, world: int, sharded: bool) -> dict[str, fl
     return parts
 
 
-def build_plan(cfg) -> dict:
-    from occ_exp.config import validate
+def fewest_gpus(cfg, size: ModelSize, card_bytes: float = CARD_GIB * GiB, most: int = 4096) -> int | None:
+    """The smallest world size (1, 2, 4, 8, then multiples of 8) whose memory estimate fits a card;
+    None if none up to `most` does."""
+    worlds = [1, 2, 4] + list(range(8, most + 1, 8))
+    for w in worlds:
+        if sum(memory_plan(cfg, size, w, sharded=w > 1).values()) < card_bytes:
+            return w
+    return None
 
+
+def _eval_problems(cfg, limit: int) -> int:
+    sizes = [TINY_HELD_OUT if n == "tiny" else BENCHMARK_SIZES.get(n, 500) for n in cfg.benchmark.names]
+    return sum(min(n, limit) if limit else n for n in sizes)
+
+
+def gpu_hours(cfg, size: ModelSize, world: int) -> dict:
+    """GPU-hours of the whole run (estimate): per step, the learner's model FLOPs (+ the logp_old
+    forward) at LEARNER_MFU and generation at ROLLOUT_MFU of PEAK_FLOPS on every GPU; plus the
+    evaluations (in-training every eval_every steps, and the final one), generation only."""
+    a, d, r, t, e = cfg.algorithm, cfg.data, cfg.rollout, cfg.trainer, cfg.eval
+    P = prompt_tokens(cfg)
+    seq = P + r.max_new_tokens
+    seqs = d.prompts_per_step * a.group_size
+    trunk = size.matmul_per_token - size.mtp - size.num_mtp_layers * size.embed  # what generation multiplies through
+    learner_s = (a.ppo_epochs * train_flops_per_token(size, seq) + 2 * size.matmul_per_token) * seqs * seq \
+        / (world * PEAK_FLOPS * LEARNER_MFU)
+    gen = lambda n_seqs, new: 2.0 * trunk * n_seqs * (P + new) / (world * PEAK_FLOPS * ROLLOUT_MFU)  # noqa: E731
+    rollout_s = gen(seqs, r.max_new_tokens)
+    eval_new = e.max_new_tokens or r.max_new_tokens
+    n_evals = (t.total_steps // t.eval_every if t.eval_every else 0) - (1 if t.eval_every and t.total_steps % t.eval_every == 0 else 0)
+    n_evals += 1 if t.eval_before_train else 0
+    eval_s = n_evals * gen(_eval_problems(cfg, t.eval_problems) * e.k, eval_new) \
+        + gen(_eval_problems(cfg, t.final_eval_problems) * e.k, eval_new)
+    total_s = t.total_steps * (learner_s + rollout_s) + eval_s
+    return {"gpu_hours": world * total_s / 3600, "hours": total_s / 3600, "learner_s": learner_s,
+            "rollout_s": rollout_s, "eval_h": eval_s / 3600}
+
+
+def check_resources(cfg, gpus: int | None = None, card_bytes: float | None = None) -> str | None:
+    """One line saying why this machine cannot run `cfg` (None when it can), before any weights
+    load: a CUDA run with no CUDA GPU, or a plan whose memory estimate exceeds this job's GPUs.
+    `gpus` (this job's world size) and `card_bytes` default to what this process sees."""
+    if cfg.trainer.device == "cpu" or cfg.model.path is None:
+        return None
+    visible = torch.cuda.device_count()
+    if cfg.trainer.device == "cuda" and gpus is None and visible == 0:
+        return (f"this run needs CUDA GPUs (trainer.device=cuda; the plan: {planned_gpus(cfg)}) and this machine has "
+                "none; run it where GPUs are, or trainer.device=cpu for a CPU run")
+    if gpus is None and visible == 0:  # trainer.device=auto on a CPU machine: a CPU run
+        return None
+    world = gpus if gpus is not None else (world_size_from_env() or 1)
+    if card_bytes is None:
+        card_bytes = torch.cuda.get_device_properties(0).total_memory if visible else CARD_GIB * GiB
+    try:
+        config = model_config(cfg.model)[0]
+    except ConfigError:  # a model the plan cannot size without downloading it: loading will tell
+        return None
+    size = model_size(config, cfg.model.num_mtp_layers)
+    need = sum(memory_plan(cfg, size, world, sharded=world > 1 or "WORLD_SIZE" in os.environ).values())
+    if need < card_bytes:
+        return None
+    fewest = fewest_gpus(cfg, size, card_bytes)
+    at_least = f"at least {fewest} GPUs" if fewest else "more GPUs than any plan up to 4096 (shorten the responses or batch)"
+    return (f"this run needs about {need / GiB:.0f} GiB per GPU on {world} GPU(s) by the plan's estimate, more than "
+            f"this GPU's {card_bytes / GiB:.0f} GiB: it needs {at_least} (the plan: {planned_gpus(cfg)}); launch it "
+            "with torchrun / hydra/launcher=slurm on them (trainer.dry_run=true prints the plan)")
+
+
+def planned_gpus(cfg) -> str:
+    d = cfg.distributed
+    return f"{d.nodes * d.gpus_per_node} GPUs = distributed.nodes x gpus_per_node = {d.nodes} x {d.gpus_per_node}"
+
+
+def build_plan(cfg) -> dict:
     validate(cfg)
     a, d, r, m = cfg.algorithm, cfg.data, cfg.rollout, cfg.model
     world, world_src = world_size(cfg)
@@ -206,6 +280,8 @@ def build_plan(cfg) -> dict:
     learner_flops = a.ppo_epochs * train_flops_per_token(size, seq) * tokens  # model FLOPs (MFU's numerator)
     mem = memory_plan(cfg, size, world, sharded)
     total_mem = sum(mem.values())
+    fewest = fewest_gpus(cfg, size)
+    cost = gpu_hours(cfg, size, world)
     return {
         "model": f"{m.name} ({m.path or 'built in code'})",
         "architecture from": source,
@@ -225,9 +301,20 @@ def build_plan(cfg) -> dict:
         "learner model FLOPs per step (max)": f"{learner_flops:.3e}",
         "memory per GPU (estimate)": {k: f"{v / GiB:.1f} GiB" for k, v in mem.items()},
         "memory per GPU, total (estimate)": f"{total_mem / GiB:.1f} GiB "
-                                            f"({'fits' if total_mem < CARD_GIB * GiB else 'exceeds'} an {CARD_GIB:.0f} GB card)",
+                                            f"({'fits' if total_mem < CARD_GIB * GiB else 'exceeds'} an {CARD_GIB:.0f} GB card)"
+                                            + (f"; on {fewest} GPUs (FSDP2): {sum(memory_plan(cfg, size, fewest, True).values()) / GiB:.1f} GiB"
+                                               if fewest and fewest > world else ""),
+        "GPUs needed (fewest the estimate fits)": (f"{fewest} ({'within' if fewest <= world else 'MORE than'} the "
+                                                  f"{world} planned)") if fewest else "none up to 4096: shorten the responses or batch",
         "total steps": cfg.trainer.total_steps,
+        "GPU-hours, whole run (estimate)": (
+            f"{cost['gpu_hours']:,.{0 if cost['gpu_hours'] >= 10 else 2}f} ({world} GPUs x {cost['hours']:.1f} h: {cfg.trainer.total_steps} steps x "
+            f"(learner {cost['learner_s']:.0f} s + rollout {cost['rollout_s']:.0f} s) + evaluation {cost['eval_h']:.1f} h; "
+            f"assumes {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 per GPU at {LEARNER_MFU:.0%} (learner) / "
+            f"{ROLLOUT_MFU:.0%} (generation), every response at full length)"),
         "_bytes_per_gpu": total_mem,
+        "_gpu_hours": cost["gpu_hours"],
+        "_fewest_gpus": fewest,
     }
 
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+import torch.distributed as dist
+
 
 class StopRequested(BaseException):
     """A stop signal arrived during set-up (nothing to save). A BaseException, like
@@ -38,6 +41,7 @@ class GracefulStop:
         self.requested = False
         self.signum: int | None = None
         self.in_setup = setup
+        self.step, self.checkpoint = 0, None  # where a stop during set-up leaves the run (set on resume)
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
@@ -69,12 +73,8 @@ class GracefulStop:
     def should_stop(self) -> bool:
         """The flag, agreed by all ranks when torch.distributed is initialised (any rank's signal
         stops every rank after the same step, so none waits in a collective for the others)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
-        import torch
-
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

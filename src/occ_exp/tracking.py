@@ -16,6 +16,8 @@ import os
 import uuid
 from pathlib import Path
 
+from occ_exp.checkpoint import atomic_write_text
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -24,8 +26,11 @@ def _clean(v):
 
 
 class Tracker:
-    def __init__(self, cfg, run_dir: str | os.PathLike, config_dict: dict | None = None, resume_step: int | None = None):
+    def __init__(self, cfg, run_dir: str | os.PathLike, config_dict: dict | None = None, resume_step: int | None = None,
+                 run_id: str | None = None):
+        """`run_id`: the W&B run to continue when the run dir has no wandb_run_id.txt (a checkpoint's)."""
         self.cfg = cfg
+        self.run_id: str | None = None  # the W&B run's id (logger=wandb), saved in checkpoints
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
@@ -36,14 +41,13 @@ class Tracker:
         if self.metrics_path is not None and resume_step is not None:
             self._truncate_after(resume_step)
         if cfg.name == "wandb":
-            import wandb
-
-            from occ_exp.checkpoint import atomic_write_text
+            import wandb  # optional heavy dependency: imported only for logger=wandb
 
             os.environ.setdefault("WANDB_MODE", cfg.mode)
             id_file = self.run_dir / "wandb_run_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            run_id = id_file.read_text().strip() if id_file.exists() else (run_id or uuid.uuid4().hex[:12])
             atomic_write_text(id_file, run_id)
+            self.run_id = run_id
             self.wandb_run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir), id=run_id,
                 resume="allow", config=config_dict, tags=list(cfg.tags) or None, name=self.run_dir.name,
@@ -53,8 +57,6 @@ class Tracker:
         """Keep the rows of steps 1..`step` (and step 0's evaluation when `step` > 0): the run goes on
         from `step`, so later rows are re-logged; `step` 0 is a fresh start, which keeps nothing.
         The file is replaced atomically, so a kill here loses nothing."""
-        from occ_exp.checkpoint import atomic_write_text
-
         if not self.metrics_path.exists():
             return
         keep = []
@@ -87,7 +89,7 @@ class Tracker:
 
     def close(self) -> None:
         if self.wandb_run is not None:
-            import wandb
+            import wandb  # optional heavy dependency (logger=wandb)
 
             self.wandb_run.finish()
             self.wandb_run = None

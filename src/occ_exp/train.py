@@ -14,31 +14,27 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.markup import escape
 
-from occ_exp.config import ConfigError, register_configs
-from occ_exp.threads import JOBS_ENV
+from occ_exp.config import CONF_DIR, ConfigError, absolute_paths, register_configs
+from occ_exp.data.jsonl import DataError
+from occ_exp.learner import NonFiniteError
+from occ_exp.locks import RunDirLocked
+from occ_exp.models.loading import CheckpointError
+from occ_exp.plan import check_resources, print_plan
+from occ_exp.runtime import JOBS_ENV
+from occ_exp.trainer import train
 
 register_configs()
 
 _ERROR_KIND = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data", "RunDirLocked": "run dir"}
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def _abs_paths(cfg: DictConfig) -> None:
-    """Relative paths in the config are relative to where the user launched the command."""
-    base = hydra.utils.get_original_cwd()
-    for key in ("cache_dir", "data_dir"):
-        v = cfg.paths[key]
-        if v and not os.path.isabs(v):
-            cfg.paths[key] = os.path.join(base, v)
-    if cfg.model.path and not os.path.isabs(cfg.model.path) and os.path.exists(os.path.join(base, cfg.model.path)):
-        cfg.model.path = os.path.join(base, cfg.model.path)
 
 
 def _note_parallel_jobs() -> None:
     """A joblib multirun runs hydra.launcher.n_jobs trainers at once on this machine: tell the
-    thread policy (occ_exp.threads) through the environment, as scripts/reproduce.py --jobs does."""
+    thread policy (occ_exp.runtime) through the environment, as scripts/reproduce.py --jobs does."""
     hc = HydraConfig.get()
     n = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN else None
     if isinstance(n, int) and n != 0:  # joblib: -1 = all cores, -2 = all but one, ...
@@ -47,24 +43,16 @@ def _note_parallel_jobs() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    from occ_exp.data.jsonl import DataError
-    from occ_exp.locks import RunDirLocked
-    from occ_exp.models.loading import CheckpointError
-    from occ_exp.trainer import NonFiniteError, train
-
     console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks
-    _abs_paths(cfg)
+    absolute_paths(cfg)
     _note_parallel_jobs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.trainer.dry_run:
-            from occ_exp.plan import print_plan
-
             print_plan(cfg, console)
             return None
+        if (problem := check_resources(cfg)) is not None:  # too few GPUs: say so before loading weights
+            raise ConfigError(problem)
         console.print(f"[bold]occ-exp[/] run dir: {run_dir}")
         summary = train(cfg, run_dir, log=lambda m: console.print(m))
     except (ConfigError, CheckpointError, DataError, RunDirLocked) as e:  # bad input: one line, before work starts

@@ -70,8 +70,10 @@ def occ_coefficient(
     mask: torch.Tensor,
     lambda_plus: float = 1.0,
     eps: float = 1e-8,
+    **_,
 ) -> torch.Tensor:
-    """OCC's lambda_t from one mini-batch (the paper's estimator).
+    """OCC's lambda_t from one mini-batch (the paper's estimator, `regime.estimator=paper`; the
+    keywords other estimators take are ignored).
 
         d_rl  = logp_main - logp_old,    d_mtp = logp_mtp - logp_old      (per response token)
         c_hat = sum(mask * d_rl * d_mtp),  v2_hat = sum(mask * d_mtp^2)
@@ -106,10 +108,8 @@ def occ_coefficient(
 # Every estimator: fn(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **kw) -> 0-dim float32,
 # without gradient. Keywords the learner passes: clip_low, clip_high (the policy loss's clip
 # range), probe (a diagnostics.GradientProbe on this mini-batch's graph), k (the depth, 0-based)
-# and loss_k (the depth's MTP loss, with graph).
-@register_estimator("paper")
-def _paper(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps, **_):
-    return occ_coefficient(logp_main, logp_mtp, logp_old, mask, lambda_plus, eps)
+# and loss_k (the depth's MTP loss, with graph). estimator=paper is occ_coefficient itself.
+register_estimator("paper")(occ_coefficient)
 
 
 @register_estimator("reference_code")

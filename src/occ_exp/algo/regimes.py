@@ -31,13 +31,25 @@ function here and one YAML file in conf/regime/.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from occ_exp.algo.coefficient import ESTIMATORS, CoefficientState
 from occ_exp.algo.policy_loss import POLICY_LOSSES, aggregate
-from occ_exp.models.policy import PolicyOutput
+
+
+class HeadOutputs(Protocol):
+    """What a regime reads from one forward of the policy (occ_exp.models.policy.PolicyOutput is
+    one; the learner's whole-mini-batch view is another): per-token log-probs of the sampled
+    tokens under the main head and each MTP head, their logits, and the trunk's outputs."""
+
+    logp_main: torch.Tensor  # [B, R]
+    logp_mtp: list[torch.Tensor]  # K x [B, R]
+    logits_main: torch.Tensor | None  # [B, R, V]
+    logits_mtp: list[torch.Tensor]  # K x [B, R, V]
+    trunk: object  # what policy.mtp_forward reruns the MTP layers on (head_ce)
+
 
 TermFn = Callable[["MTPContext", int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -76,7 +88,7 @@ def get_regime(name: str) -> Regime:
 class MTPContext:
     """What a regime may look at on one mini-batch."""
 
-    out: PolicyOutput
+    out: HeadOutputs
     logp_old: torch.Tensor  # [B, R]
     advantages: torch.Tensor  # [B]
     mask: torch.Tensor  # [B, R]

@@ -147,7 +147,7 @@ def load_benchmarks(names: Sequence[str], data_dir: str | Path, data_cfg=None, l
 class MathDataset(Sequence):
     """A finite training set of math problems from a JSONL file (data=dapo_math), deduplicated by
     problem text; scored by the math reward. The trainer's PromptStream reads it in a fresh
-    seeded order each epoch."""
+    seeded order each epoch; `sample` draws single problems as the procedural task does."""
 
     def __init__(self, path: str | Path, template: str = "{problem}", max_row_chars: int = MAX_ROW_CHARS):
         self.path = Path(path)
@@ -160,3 +160,11 @@ class MathDataset(Sequence):
 
     def __getitem__(self, i):
         return self.problems[i]
+
+    def sample(self, rng: random.Random, split: str = "train") -> Problem:
+        """A training problem drawn uniformly with `rng`: the draw every kind of training data answers
+        (as CountdownTask.sample does), e.g. for the MTP warm-up of fresh heads."""
+        if split != "train":
+            raise ValueError(f"{self.path} is training data and has no held-out split ({split!r}); "
+                             "held-out problems come from the benchmarks (benchmark=...)")
+        return self.problems[rng.randrange(len(self.problems))]

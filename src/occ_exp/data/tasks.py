@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
 
 OPS = ("+", "-", "*", "/")
@@ -193,21 +193,12 @@ class CountdownTask:
             return None
         return _safe_eval(m.group(1))
 
-    # -- reward -------------------------------------------------------------------------------
-    @staticmethod
-    def uses_numbers(answer: str | None, numbers: tuple[int, ...]) -> bool:
-        """The boxed expression uses exactly the given numbers (as a multiset) and only
-        arithmetic characters; the value itself is math-verify's job."""
-        if answer is None or not re.fullmatch(r"[0-9+\-*/() ]+", answer):
-            return False
-        return Counter(int(x) for x in re.findall(r"\d+", answer)) == Counter(numbers)
+    # (its reward, the number-usage check, is occ_exp.reward.rewards.uses_numbers)
 
 
 def _safe_eval(expr: str) -> int | None:
     """Evaluate + - * / ( ) over non-negative integers without eval(); None if invalid or
     not an integer. Used for demonstrations and tests only (rewards go through math-verify)."""
-    from fractions import Fraction
-
     tokens = re.findall(r"\d+|[+\-*/()]", expr)
     if "".join(tokens) != expr.replace(" ", ""):
         return None

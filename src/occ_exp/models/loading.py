@@ -20,8 +20,12 @@ package (found without importing it).
 A saved folder is an ordinary transformers checkpoint (config.json, model.safetensors, tokenizer
 files) whose state dict also holds `model.mtp_layers.{i}.*` and whose config carries
 `num_nextn_predict_layers`, as MiMo checkpoints do. A Qwen2 trunk is saved with
-`architectures: ["MiMoForCausalLM"]` (model_type stays "qwen2", so transformers and
-AutoTokenizer load it natively): vLLM then serves it with MiMo's MTP drafter.
+`architectures: ["MiMoForCausalLM"]` (a Qwen2.5 source keeps model_type "qwen2", so transformers
+and AutoTokenizer load it natively): vLLM then serves it with MiMo's MTP drafter. A folder saved
+from a loaded checkpoint keeps that checkpoint's identity: its model_type (a MiMo source stays
+"mimo"), its `auto_map` (and the remote-code files it names) and its dtype: the tensors are
+written in the source's dtype (a bf16 source stays bf16, whatever dtype the run trained in), so
+tensors the run did not change are byte-identical to the source's.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers import __version__ as transformers_version
@@ -44,10 +50,13 @@ from transformers.utils import logging as hf_logging
 # run's own progress bar and error messages (a bad-input error must be one line).
 hf_logging.disable_progress_bar()
 
-from occ_exp.checkpoint import CheckpointError, verify_model_folder
+from occ_exp.checkpoint import verify_model_folder
+from occ_exp.errors import CheckpointError
 from occ_exp.locks import file_lock
 from occ_exp.models.mtp import init_mtp_from_trunk
 from occ_exp.models.policy import MTPPolicy
+from occ_exp.models.tiny import build_tokenizer, tiny_config
+from occ_exp.serving import serving_architecture
 
 MTP_PREFIX = "model.mtp_layers."
 PKG_SCHEME = "pkg://"
@@ -66,8 +75,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # -- the tiny model ----------------------------------------------------------------------------
 def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
     """The tiny model with random weights (the warm start trains it)."""
-    from occ_exp.models.tiny import build_tokenizer, tiny_config
-
     tokenizer = build_tokenizer()
     config = tiny_config(model_cfg.arch, tokenizer, model_cfg.num_mtp_layers)
     config._attn_implementation = model_cfg.attn_implementation
@@ -80,29 +87,63 @@ def build_tiny_policy(model_cfg, seed: int = 0) -> tuple[MTPPolicy, object]:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def serving_architecture(config: PretrainedConfig) -> str:
-    """The `architectures` entry that lets vLLM serve a saved folder: MiMo's (which drops the MTP
-    weights from the main model and loads them into its MTP drafter) for Qwen2 trunks, the
-    trunk's own class otherwise."""
-    if config.model_type == "qwen2":
-        return "MiMoForCausalLM"
-    return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
-def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write a Hugging Face folder with the MTP weights under MiMo's names. `state_dict` (of
-    `policy.lm`) replaces the module's own tensors, e.g. the full weights of an FSDP2-sharded policy."""
+def save_dtype(policy: MTPPolicy, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a saved folder's tensors are written in: `dtype` if given, else the dtype of the
+    checkpoint the policy was loaded from, else the policy's own parameter dtype."""
+    if dtype is not None:
+        return dtype
+    return policy.source_format.get("dtype") or next(p.dtype for p in policy.parameters() if p.is_floating_point())
+
+
+def save_policy(policy: MTPPolicy, tokenizer, path: str | os.PathLike, state_dict: dict | None = None,
+                dtype: torch.dtype | None = None) -> None:
+    """Write a Hugging Face folder with the MTP weights under MiMo's names, in `save_dtype(policy,
+    dtype)`, with the source checkpoint's model_type, auto_map (and its remote-code files) kept.
+    `state_dict` (of `policy.lm`) replaces the module's own tensors, e.g. the full weights of an
+    FSDP2-sharded policy."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = policy.lm.config
     config.num_nextn_predict_layers = policy.num_mtp_layers
-    policy.lm.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    dtype = save_dtype(policy, dtype)
+    sd = policy.lm.state_dict() if state_dict is None else state_dict
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    policy.lm.save_pretrained(path, safe_serialization=True, state_dict=sd)
     # save_pretrained writes the Python class name; vLLM picks its model class from this entry
     raw = json.loads((path / "config.json").read_text())
     raw["architectures"] = [serving_architecture(config)]
+    for key in ("torch_dtype", "dtype"):  # transformers 4 writes torch_dtype, 5 writes dtype
+        if key in raw or key == "torch_dtype":
+            raw[key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    src = policy.source_format
+    if src.get("model_type"):
+        raw["model_type"] = src["model_type"]
+    if src.get("auto_map"):
+        raw["auto_map"] = src["auto_map"]
+        for module in _remote_code_files(src["auto_map"]):  # the files auto_map names travel with it
+            if (Path(src["folder"]) / module).is_file() and not (path / module).exists():
+                shutil.copy2(Path(src["folder"]) / module, path / module)
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def _remote_code_files(auto_map: dict) -> set[str]:
+    """`modeling_mimo.py`, ... : the local modules an `auto_map` names ("module.Class" entries)."""
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    return {r.rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r and "." in r}
+
+
+def source_format(folder: Path, config: PretrainedConfig, kind: str) -> dict:
+    """What a checkpoint folder calls itself: model_type, architectures, auto_map, tensor dtype."""
+    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
+    return {"model_type": raw.get("model_type", config.model_type), "architectures": raw.get("architectures"),
+            "auto_map": raw.get("auto_map"), "dtype": dtype, "folder": str(folder), "kind": kind}
 
 
 # -- finding a folder --------------------------------------------------------------------------
@@ -129,8 +170,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return local
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise CheckpointError(f"model.path={path}: no such folder (and not a hub id of the form org/name)")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
                                                               "*.model", "*.tiktoken"]))
@@ -301,6 +340,7 @@ def load_pretrained(
                               f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys', []))[:5]}")
 
     policy = MTPPolicy(lm, k)
+    policy.source_format = source_format(weights_dir, config, kind)
     mtp_sd = _mtp_tensors(weights_dir) if k_ckpt else {}
     loaded = list(range(min(k, k_ckpt)))
     fresh = list(range(min(k, k_ckpt), k))

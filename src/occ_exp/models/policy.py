@@ -80,6 +80,9 @@ class MTPPolicy(nn.Module):
         # catches it when `trunk_forward` asks (a hook registered per call would stop torch.compile).
         self._prenorm: dict[str, torch.Tensor | bool] = {}
         self.share_prompts = True  # see trunk_forward
+        # what the checkpoint it was loaded from called itself (model_type, auto_map, dtype, ...):
+        # saving writes the same identity back (occ_exp.models.loading.save_policy)
+        self.source_format: dict = {}
         lm.model.norm.register_forward_hook(self._catch_prenorm)  # a bound method: copies catch for themselves
 
     def compile_forward(self, **kwargs) -> None:
@@ -144,14 +147,20 @@ class MTPPolicy(nn.Module):
         """The trunk's hidden states (after and before its final norm) for every position. Rows that
         share a prompt (the G samples of a group) share its computation: each distinct prompt runs
         once, and the responses attend to its keys / values (`share_prompts`; the same result, less
-        work: the prompt's tokens are not repeated G times through the trunk)."""
+        work: the prompt's tokens are not repeated G times through the trunk).
+
+        Sharing runs the prompt through transformers' KV cache, and transformers' gradient
+        checkpointing drops any cache in training mode (a recomputed block would append its keys
+        twice), so with checkpointing on in training every row runs its own prompt (the same
+        result; `shares_prompts_now`)."""
         T = input_ids.shape[1]
         P = T - response_len
         if P < self.num_mtp_layers + 1:
             raise ValueError(f"prompt width {P} must exceed the number of MTP layers {self.num_mtp_layers}")
         embeds = self.lm.model.embed_tokens(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        groups = prompt_groups(input_ids[:, :P], attention_mask[:, :P]) if self.share_prompts and response_len else None
+        share = self.share_prompts and response_len and self.shares_prompts_now
+        groups = prompt_groups(input_ids[:, :P], attention_mask[:, :P]) if share else None
         if groups is None:
             hidden, pre = self._trunk(embeds, attention_mask, position_ids)
         else:
@@ -163,6 +172,12 @@ class MTPPolicy(nn.Module):
             h_r, pre_r = self._trunk(embeds[:, P:], attention_mask, position_ids[:, P:], cache)
             hidden, pre = torch.cat([h_p[which], h_r], 1), torch.cat([pre_p[which], pre_r], 1)
         return TrunkOutput(hidden, pre, embeds, position_ids, attention_mask, input_ids[:, P:], P)
+
+    @property
+    def shares_prompts_now(self) -> bool:
+        """False while the trunk's decoder blocks are checkpointed in training mode (see trunk_forward)."""
+        return not any(getattr(layer, "gradient_checkpointing", False) and layer.training
+                       for layer in self.lm.model.layers)
 
     def _trunk(self, embeds, attention_mask, position_ids, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder stack on `embeds` (after the tokens in `cache`, if any): (normed, pre-norm) states."""

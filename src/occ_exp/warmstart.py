@@ -19,9 +19,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from occ_exp.checkpoint import atomic_write_text
+from occ_exp.config import RolloutConfig
+from occ_exp.diagnostics import mtp_health
 from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
+from occ_exp.rollout.hf import HFRollout
 
 CACHE_VERSION = 2  # bump when the warm-start recipe changes (2: MTP reads the pre-norm trunk state)
 
@@ -73,9 +77,6 @@ def sft_loss(policy, ids, attn, R, mtp_weight: float, detach_mtp: bool = False):
 
 def evaluate_samples(policy, tokenizer, task, reward_fn, n: int, device, seed: int = 0, max_new_tokens: int = 96) -> dict:
     """Held-out accuracy greedy and at temperature 1 (one sample per problem)."""
-    from occ_exp.config import RolloutConfig
-    from occ_exp.rollout.hf import HFRollout
-
     problems = task.problems(n, seed=seed, split="test")
     ro = HFRollout(RolloutConfig(max_new_tokens=max_new_tokens), policy, tokenizer, device)
     res = {}
@@ -125,8 +126,6 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
     history, t0, ema = [], time.time(), None
     checkpoints = {int(ws.steps * f) for f in (0.25, 0.5, 0.75)}
     policy.train()
-    from tqdm import tqdm
-
     bar = tqdm(range(ws.steps), desc="warm start", leave=False, mininterval=2.0)
     for step in bar:
         ids, attn, R = demo_batch(task, tokenizer, rng, ws.batch_size, ws.flaw_rate, device)
@@ -153,16 +152,17 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
 
 # -- MTP warm-up of fresh heads on real checkpoints ------------------------------------------------
 def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, rollout=None, seed: int = 0,
-               log=print) -> dict:
+               log=print, prompt_text=None) -> dict:
     """Train the fresh MTP layers `layers` alone before RL: detached MTP cross-entropy (regime
     detach's loss: no gradient reaches the trunk or the LM head, and only these layers step), for
     `model_cfg.mtp_warmup_steps` steps of `mtp_warmup_batch_size` sequences.
 
     Data (`model_cfg.mtp_warmup_source`): `reference` trains on the task's reference solutions
     (`task.solution`), `rollouts` on the policy's own samples from `rollout` at the rollout
-    temperature; `auto` takes the reference solutions when the task has them."""
-    from occ_exp.diagnostics import mtp_health
-
+    temperature; `auto` takes the reference solutions when the task has them. Training prompts are
+    `task.sample(rng, "train")`, which the procedural task and a data file (data.path) both answer;
+    `prompt_text` (problems -> the texts the rollout engine sees, e.g. the trainer's chat-template
+    formatting) defaults to the raw problem text."""
     source = model_cfg.mtp_warmup_source
     if source == "auto":
         source = "reference" if hasattr(task, "solution") else "rollouts"
@@ -183,7 +183,9 @@ def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, ro
         if source == "reference":
             ids, attn, R = demo_batch(task, tokenizer, rng, n, 0.0, device)
             return ids, attn, R, attn[:, -R:].bool()
-        b = rollout.generate([task.sample(rng, "train").prompt for _ in range(n)], 1).compact().to(device)
+        problems = [task.sample(rng, "train") for _ in range(n)]
+        texts = prompt_text(problems) if prompt_text is not None else [p.prompt for p in problems]
+        b = rollout.generate(texts, 1).compact().to(device)
         return b.input_ids, b.attention_mask, b.response_len, b.response_mask
 
     t0, history = time.time(), []
