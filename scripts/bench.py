@@ -16,6 +16,8 @@ Writes results/bench.json and results/bench.md with the machine, versions, setti
   fp32 matrix-multiply peak measured in the same run.
 - peak memory of each phase (process peak resident memory on the CPU).
 - `vllm_over_hf_rollout`: rollout tokens/s of rollout=vllm over rollout=hf on SmolLM2-135M.
+- `default_over_best_threads` (`--only threads`): two training runs side by side (joblib launcher,
+  n_jobs=2) at the default `trainer.threads=0` over the best manual thread count (step time).
 
 Every figure is a median over repetitions (steps after warm-up); every ratio is measured in this
 one run, with the runs it compares interleaved where they are separate runs. Compile time is
@@ -51,7 +53,8 @@ import torch  # noqa: E402
 
 TARGETS = {"occ_over_detach_step": ("<=", 1.02), "diag_over_plain_step": ("<=", 2.0),
            "trl_over_ours_step": (">=", 1.5), "vllm_over_hf_rollout": (">=", 1.5),
-           "trl_over_default_step": (">=", 2.0), "first_rl_step_s": ("<=", 60.0), "test_suite_s": ("<=", 360.0)}
+           "trl_over_default_step": (">=", 2.0), "first_rl_step_s": ("<=", 60.0), "test_suite_s": ("<=", 360.0),
+           "default_over_best_threads": ("<=", 1.2)}
 NA = "not available in this build"
 
 # The work of one step in the TRL comparison (the issue's settings).
@@ -203,6 +206,58 @@ def run_ours(overrides: list[str], steps: int, warmup: int, threads: int, workdi
             "peak_rss_gib": {k[len("mem/"):-len("_peak_rss_gib")]: v for k, v in med.items() if k.endswith("_peak_rss_gib")},
             "tokens": med.get("rollout/tokens"),
             "response_tokens": PROMPTS * GROUP * NEW_TOKENS}
+
+
+# -- threads: two runs side by side, the default thread policy against every manual setting -----------
+THREAD_WORK = ["experiment=smoke", "model.warmstart.enabled=false", "data.prompts_per_step=4", "algorithm.group_size=4",
+               "rollout.max_new_tokens=32", "rollout.min_new_tokens=32", "trainer.eval_every=0",
+               "trainer.eval_before_train=false", "trainer.final_eval_problems=4", "trainer.save_every=0",
+               "trainer.progress=false", "trainer.device=cpu", "logger=jsonl"]
+
+
+def side_by_side(threads: int, steps: int, warmup: int, workdir: Path, tag: str) -> dict:
+    """Two runs at once through the joblib launcher (`-m hydra/launcher=parallel hydra.launcher.n_jobs=2`,
+    as scripts/reproduce.py --jobs 2 starts them), `trainer.threads=threads` (0: the default policy).
+    Returns the median step time over both runs' timed steps."""
+    import subprocess
+
+    from occ_exp.runtime import JOBS_ENV
+
+    sweep = workdir / tag
+    cmd = [sys.executable, "-m", "occ_exp.train", "-m", *THREAD_WORK, f"trainer.total_steps={warmup + steps + 1}",
+           f"trainer.threads={threads}", "seed=0,1", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={workdir / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if k not in (JOBS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed ({p.returncode}): {p.stderr[-1500:]}")
+    chosen = sorted({l.split("(")[0].strip() for l in (p.stdout + p.stderr).splitlines() if l.startswith("torch threads:")})
+    per_run = []
+    for metrics in sorted(sweep.rglob("metrics.jsonl")):
+        rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+        per_run.append([r["time/step_s"] for r in rows if r.get("step", 0) >= 1][warmup: warmup + steps])
+    if len(per_run) != 2:
+        raise RuntimeError(f"{sweep}: expected 2 runs, found {len(per_run)}")
+    return {"threads": threads, "step_s": median([x for r in per_run for x in r]), "step_s_per_run": per_run,
+            "chosen": chosen, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def threads_section(args, workdir: Path) -> dict:
+    """`default_over_best_threads`: median step time of two concurrent default runs (trainer.threads=0)
+    over that of the best manual setting (1, 2, 4, ... up to the cores), settings interleaved in rounds."""
+    cores = len(os.sched_getaffinity(0))
+    manual = sorted({1, cores, *[2 ** i for i in range(1, 8) if 2 ** i < cores]})
+    rounds = [[side_by_side(t, args.steps, args.warmup, workdir, f"threads-r{r}-t{t}") for t in [0, *manual]]
+              for r in range(args.rounds)]
+    by_setting = {t: median([rd[i]["step_s"] for rd in rounds]) for i, t in enumerate([0, *manual])}
+    best = min(manual, key=lambda t: by_setting[t])
+    ratio = by_setting[0] / by_setting[best]
+    return {"cores": cores, "manual": manual, "rounds": rounds, "step_s": {str(k): v for k, v in by_setting.items()},
+            "best_manual": best, "default_chosen": rounds[0][0]["chosen"], "default_over_best_threads": ratio,
+            "work": THREAD_WORK, "summary": f"default {by_setting[0]:.2f} s/step vs best manual ({best} threads) "
+                                            f"{by_setting[best]:.2f} s/step: {ratio:.2f}x"}
 
 
 # -- TRL: the same work in GRPOTrainer ----------------------------------------------------------------
@@ -777,6 +832,9 @@ def write_report(res: dict, out: Path) -> None:
     L.append(f"| `occ_over_detach_step` | {verdict('occ_over_detach_step', mc.get('occ_over_detach_step', mc.get('error', 'not run')))} |")
     L.append(f"| `diag_over_plain_step` | {verdict('diag_over_plain_step', mc.get('diag_over_plain_step', mc.get('error', 'not run')))} |")
     L.append(f"| `vllm_over_hf_rollout` | {verdict('vllm_over_hf_rollout', vl.get('vllm_over_hf_rollout', vl.get('error', 'not run')))} |")
+    th = res.get("threads", {})
+    L.append(f"| `default_over_best_threads` (2 runs side by side) | "
+             f"{verdict('default_over_best_threads', th.get('default_over_best_threads', th.get('error', 'not run')))} |")
     for model, key, mode in (("tiny", "tiny", "compiled, shared prompts"), ("SmolLM2-135M", "smollm2_135m", "eager")):
         f = lt.get(key, {}).get(mode)
         if f:
@@ -846,6 +904,22 @@ def write_report(res: dict, out: Path) -> None:
     elif "error" in mc:
         L += ["", f"MTP cost failed: {mc['error']}"]
 
+    th = res.get("threads", {})
+    if "step_s" in th:
+        L += ["", f"## Two runs side by side: default threads vs manual ({th['cores']} cores available)", "",
+              "Two training runs at once through the joblib launcher (`-m hydra/launcher=parallel "
+              "hydra.launcher.n_jobs=2 seed=0,1`, as `scripts/reproduce.py --jobs 2` starts them) with "
+              "`trainer.threads=N`; 0 is the default policy (occ_exp.runtime: cores available / runs side by side), "
+              f"which chose `{'; '.join(th['default_chosen'])}`. Median step time over both runs' "
+              f"{res['settings']['steps']} timed steps (after {res['settings']['warmup']} warm-up) and "
+              f"{len(th['rounds'])} interleaved round(s). Work: `{' '.join(th['work'])}`.", "",
+              "| trainer.threads | s / step | over the best manual |", "|---|---:|---:|"]
+        best = th["step_s"][str(th["best_manual"])]
+        L += [f"| {'0 (default)' if k == '0' else k} | {v:.3f} | {v / best:.2f}x |" for k, v in th["step_s"].items()]
+        L += ["", f"`default_over_best_threads` = {verdict('default_over_best_threads', th['default_over_best_threads'])}"]
+    elif "error" in th:
+        L += ["", f"Thread comparison failed: {th['error']}"]
+
     if "tiny" in lt:
         L += ["", "## Learner throughput (regime=detach, one mini-batch, learner_update)", "",
               "| model | mode | rows x tokens | tokens/s | model GFLOP/s | of matmul peak |", "|---|---|---|---:|---:|---:|"]
@@ -885,7 +959,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions of the learner figures (default 6; quick 3)")
     ap.add_argument("--vllm-reps", type=int, default=1, help="timed repetitions of the SmolLM2 rollout (default 1)")
     ap.add_argument("--only", default="", help="comma-separated sections: matmul,full_step,memory,mtp_cost,learner,vllm,"
-                    "default_step,first_rl_step,test_suite (test_suite, which runs `make test`, only when named)")
+                    "default_step,first_rl_step,threads,test_suite (test_suite, which runs `make test`, only when named)")
     ap.add_argument("--first-step-timeout", type=float, default=900, help="seconds to wait for the first RL step")
     ap.add_argument("--out", default=str(REPO / "results"))
     ap.add_argument("--merge", action="store_true",
@@ -935,13 +1009,15 @@ def main() -> None:
             res["learner"] = guarded("learner throughput", learner_throughput, args, peak)
         if want("vllm"):
             res["vllm"] = guarded("vLLM vs HF rollout", vllm_over_hf, args)
+        if want("threads"):
+            res["threads"] = guarded("two runs side by side: default vs manual threads", threads_section, args, work)
     res["machine"]["load_after"] = load_avg()
     res["wall_s"] = time.perf_counter() - t0
     earlier = Path(args.out) / "bench.json"
     if args.merge and only and earlier.exists():  # keep the sections not re-run from the earlier report
         old = json.loads(earlier.read_text())
         kept = [k for k in ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm", "default_step", "first_rl_step",
-                            "test_suite") if k in old and k not in res]
+                            "threads", "test_suite") if k in old and k not in res]
         for k in kept:
             res[k] = old[k]
         res["merged"] = {"rerun": sorted(only), "kept": kept, "from_command": old.get("command"),

@@ -12,8 +12,8 @@
 
 Every table is one or more Hydra multiruns of `python -m occ_exp.train` (experiment=theory_tiny:
 table1_tiny's settings with exact c / v2 and the Taylor check on every 10th step) run side by side
-through the joblib launcher from ONE shared warm start, with `trainer.threads` = cores // jobs so
-jobs do not oversubscribe the CPU. Runs of the same seed see the same prompts at every step
+through the joblib launcher from ONE shared warm start; --jobs is passed down (OCC_EXP_PARALLEL_JOBS)
+so that each run's default threads are its share of the available cores (occ_exp.runtime). Runs of the same seed see the same prompts at every step
 (paired), and every run ends with an evaluation (avg@4, sampled) on 1,000 held-out problems
 (`<run>/eval.json`). Runs live under outputs/reproduce/<table>[_suffix]/ (resumable: re-running the
 command continues unfinished runs from their checkpoints and skips finished ones); Table 2 reuses
@@ -50,6 +50,7 @@ from occ_exp.report import (  # noqa: E402
     missing_markdown, ordering_verdict, predicted_curve, proxy_markdown, proxy_observations, proxy_table,
     regime_label, regime_table, seconds_per_step, steps_done, table_markdown, theory_verdict, write_csv,
 )
+from occ_exp.runtime import JOBS_ENV, choose_threads  # noqa: E402
 
 DEFAULT_STEPS = 400
 PAPER_REGIMES = ["detach", "ce", "policy", "occ"]  # the paper's Table 1
@@ -84,11 +85,6 @@ def git_commit() -> str:
 
 def experiment(quick: bool) -> str:
     return "theory_tiny_quick" if quick else "theory_tiny"
-
-
-def threads(jobs: int) -> int:
-    """torch threads per run: the cores shared out over the runs side by side."""
-    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
@@ -159,7 +155,8 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     if not OPTS.warm:  # once per invocation (`all` runs several tables)
         warm_start(args)
         OPTS.warm = True
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           JOBS_ENV: str(args.jobs)}  # each run's default threads: its share of the cores (occ_exp.runtime)
     steps = [f"trainer.total_steps={args.steps}"]
     for sw in sweeps:
         out = RUNS / sw.folder
@@ -167,7 +164,7 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
             t0 = time.time()
             try:
                 sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
-                    *OPTS.overrides, f"trainer.threads={threads(args.jobs)}", "hydra/launcher=parallel",
+                    *OPTS.overrides, "hydra/launcher=parallel",
                     f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
                     f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
                    env=env)
@@ -420,7 +417,7 @@ def plan(sweeps: list[Sweep], args) -> None:
                 continue
             seen.add((sw.folder, label, seed))
             cells.append((label, seed, max(args.steps - done.get((label, seed), 0), 0)))
-    lines = [f"Plan for `{args.command}` at --jobs {args.jobs} ({threads(args.jobs)} torch thread(s) each, "
+    lines = [f"Plan for `{args.command}` at --jobs {args.jobs} ({choose_threads(0, jobs=(args.jobs, '')).threads} torch thread(s) each, "
              f"{os.cpu_count()} cores):", "", "| cell | runs | steps left | s/step (source) | run-seconds |", "|---|---|---|---|---|"]
     total = 0.0
     by_label: dict[str, list[int]] = {}
@@ -480,7 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["table1", "table2", "proxy", "figure4", "findings", "all"])
     ap.add_argument("--quick", action="store_true", help="the ~5-minute version (12 steps, 1 seed: CI, first look)")
     ap.add_argument("--scale", default="tiny", choices=["tiny", "mimo7b", "glm"])
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (torch threads each: cores // jobs)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (torch threads each: available cores // jobs)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: Table 1's cells 4, Table 2's 3; quick: 1)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"RL steps per run (default {DEFAULT_STEPS}; quick: 12); another value gets a _<N>steps suffix")

@@ -20,6 +20,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("OCC_EXP_PLOTS", "0")  # no figures after every CLI run (test_resume checks them once)
 # pytest-xdist (make test: -n 2): the cores are split between the workers, and the subprocesses a
 # test starts (the CLI, torchrun) inherit the worker's share through OMP_NUM_THREADS
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

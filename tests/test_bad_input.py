@@ -51,6 +51,35 @@ def test_jsonl_accepts_blank_lines_and_bom(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_row_over_max_row_chars_is_refused_naming_file_and_line(tmp_path):
+    """A row longer than data.max_row_chars is refused with file:line, before it is read whole (a
+    50 MB row without line breaks used to be accepted and crash the run later in the tokenizer)."""
+    from occ_exp.config import MAX_ROW_CHARS
+    from occ_exp.data.benchmarks import MathDataset
+
+    path = tmp_path / "data.jsonl"
+    huge = b'{"problem": "' + b"7" * 20_000_000  # 20 MB, no closing quote nor line break
+    path.write_bytes(GOOD.encode() * 2 + huge)
+    for read in (lambda: read_jsonl(path), lambda: MathDataset(path)):
+        with pytest.raises(DataError) as e:
+            read()
+        msg = str(e.value)
+        assert msg.startswith(f"{path}:3: a row of more than") and f"data.max_row_chars={MAX_ROW_CHARS:,}" in msg
+        assert "\n" not in msg
+    pad = '{"problem": "", "answer": "1"}'
+    exact = '{"problem": "' + "x" * (MAX_ROW_CHARS - len(pad)) + '", "answer": "1"}'
+    assert len(exact) == MAX_ROW_CHARS
+    path.write_text(GOOD + exact + "\n")
+    assert len(read_jsonl(path)) == 2  # the limit itself is accepted, one more character is not
+    path.write_text(GOOD + exact.replace("xx", "xxx", 1) + "\n")
+    with pytest.raises(DataError, match=rf":2: a row of {MAX_ROW_CHARS + 1:,} characters is longer"):
+        read_jsonl(path)
+    with pytest.raises(DataError, match=":1: a row of 34 characters is longer than data.max_row_chars=20 "):
+        read_jsonl(path, max_row_chars=20)
+    record("bad_input", "jsonl_row_over_max_row_chars", refused=True, names_file_and_line=True, row_bytes=20_000_013,
+           max_row_chars=MAX_ROW_CHARS)
+
+
 def test_shared_benchmark_files_are_well_formed():
     files = sorted(SHARED_BENCHMARKS.glob("*.jsonl"))
     if not files:
@@ -126,6 +155,34 @@ def test_tokenizer_without_special_tokens(smoke_overrides, tmp_path, missing):
     record("bad_input", f"tokenizer_{missing}", refused=True)
 
 
+@pytest.mark.parametrize("case", ["unreadable", "not_json", "not_an_object", "unknown_model_type", "bad_setting"])
+def test_model_folder_with_a_bad_config_json(tmp_path, case):
+    """config.json that cannot be read, is not JSON / not an object, names a model_type transformers
+    does not know, or holds a setting the config class refuses: one CheckpointError naming the file."""
+    from occ_exp.models.loading import load_pretrained
+
+    cfg = compose_cfg(["model.num_mtp_layers=1"])
+    policy, tok = build_tiny_policy(cfg.model)
+    save_policy(policy, tok, tmp_path / "model")
+    config_json = tmp_path / "model" / "config.json"
+    text = config_json.read_text()
+    if case == "unreadable":  # (tests run as root, which reads any file: a folder in its place)
+        config_json.unlink()
+        config_json.mkdir()
+    else:
+        config_json.write_text({"not_json": text[:-40], "not_an_object": "[1, 2]",
+                                "unknown_model_type": text.replace('"qwen2"', '"qwen9"'),
+                                "bad_setting": text.replace('"vocab_size": ', '"vocab_size": "many", "x": ')}[case])
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "model")
+    msg = str(e.value)
+    assert msg.startswith(f"{config_json}: ") and "\n" not in msg, msg
+    assert {"unreadable": "cannot be read", "not_json": "not valid JSON", "not_an_object": "expected a JSON object",
+            "unknown_model_type": "model_type 'qwen9' is not a model transformers",
+            "bad_setting": "not a valid qwen2 config"}[case] in msg, msg
+    record("bad_input", f"config_json_{case}", refused=True, one_line=True)
+
+
 def test_tokenizer_without_pad_pads_with_eos(tmp_path):
     """Many checkpoints (Llama, Qwen base) ship no pad token: prompts are left-padded and masked, so
     the loader pads with eos (and says so) instead of refusing."""
@@ -157,25 +214,45 @@ CLI_CASES = {
     "clip_high_below_low": (["algorithm.clip_high=-0.3"], "config error algorithm.clip_high: must be > 0"),
     "resume_not_a_checkpoint": (["trainer.resume=/nonexistent/step_000001"], "config error trainer.resume: "),
     "tokenizer_without_eos": (None, "checkpoint error "),
+    "max_row_chars_zero": (["data.max_row_chars=0"], "config error data.max_row_chars: must be >= 1"),
+    "data_row_too_long": ("data_row", "data error "),
+    "config_json_not_json": ("config_json", "checkpoint error "),
+    "config_json_unknown_model_type": ("model_type", "checkpoint error "),
 }
+
+
+def _bad_input_files(tmp_path, kind: str) -> list[str]:
+    """Files for the CLI cases that need one: a data file with an over-long row, a model folder
+    whose config.json is not JSON or names an unknown model_type, a tokenizer without eos."""
+    if kind == "data_row":
+        path = tmp_path / "data.jsonl"
+        path.write_bytes(GOOD.encode() * 2 + b'{"problem": "' + b"1+" * 5_000_000 + b'1", "answer": "2"}\n')
+        return ["data=dapo_math", f"data.path={path}", "data.prompts_per_step=4"]
+    cfg = compose_cfg([])
+    policy, tok = build_tiny_policy(cfg.model)
+    if kind == "tokenizer":
+        tok.eos_token = None
+    save_policy(policy, tok, tmp_path / "model")
+    config_json = tmp_path / "model" / "config.json"
+    if kind == "config_json":
+        config_json.write_text(config_json.read_text()[:-40])  # cut short, as by a full disk
+    if kind == "model_type":
+        config_json.write_text(config_json.read_text().replace('"model_type": "qwen2"', '"model_type": "qwen9"'))
+    return [f"model.path={tmp_path / 'model'}"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_refuses_bad_input_in_one_message(tmp_path, case):
     overrides, expected = CLI_CASES[case]
-    if overrides is None:
-        cfg = compose_cfg([])
-        policy, tok = build_tiny_policy(cfg.model)
-        tok.eos_token = None
-        save_policy(policy, tok, tmp_path / "model")
-        overrides = [f"model.path={tmp_path / 'model'}"]
+    if not isinstance(overrides, list):
+        overrides = _bad_input_files(tmp_path, overrides or "tokenizer")
     p = _cli(tmp_path, *overrides)
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert "Traceback" not in out, out[-3000:]
     assert expected in out, out[-3000:]
-    if expected.startswith(("config error", "checkpoint error")):
+    if expected.startswith(("config error", "checkpoint error", "data error")):
         assert p.returncode == 2
         lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith(("occ-exp run dir", "Writing"))]
         assert len(lines) == 1, lines  # exactly one message

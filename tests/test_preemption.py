@@ -85,3 +85,63 @@ def test_exit_without_close_does_not_hang(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=str(root / "src"), WANDB_SILENT="true", WANDB_MODE="offline"))
     assert p.returncode == 1 and time.monotonic() - t0 < 60, p.stderr[-2000:]
+
+
+# -- SIGTERM during set-up: exit within seconds, nothing half-written ---------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_while_waiting_on_the_warm_start_lock_and_during_the_warm_start(tmp_path, cache_dir):
+    """A run whose warm start is being built by another process waits on the cache lock; SIGTERM
+    there ends it at once (exit 0, nothing written). Then, with the lock free, a run that is
+    training a (very long) warm start is stopped by SIGTERM too, and leaves no cache entry."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from occ_exp.locks import file_lock
+    from occ_exp.warmstart import cache_key
+    from tests.conftest import compose_cfg
+    from tests.reliability_log import record
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    over = ["experiment=smoke", "model.warmstart.steps=100000", "trainer.progress=false", "trainer.threads=1",
+            f"paths.cache_dir={cache}"]
+    cfg = compose_cfg(over)
+    entry = cache / "warmstart" / cache_key(cfg.model, cfg.data)
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1", COLUMNS="400", WANDB_MODE="offline")
+
+    def launch(run):
+        return subprocess.Popen([sys.executable, "-m", "occ_exp.train", *over, f"hydra.run.dir={run}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
+
+    def wait_for(p, text):
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if text in line:
+                return seen
+        raise AssertionError(f"{text!r} never printed:\n{''.join(seen)[-3000:]}")
+
+    outcomes = {}
+    with file_lock(entry.with_name(entry.name + ".lock")):  # another process is building this warm start
+        p = launch(tmp_path / "run1")
+        wait_for(p, "waiting for the lock")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)  # without the fix: waits for the lock for ever
+        outcomes["lock_wait"] = (p.returncode, out)
+    p = launch(tmp_path / "run2")
+    wait_for(p, "occ-exp run dir")
+    time.sleep(5)  # now in the 100,000-step warm start (or still loading: either is set-up)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)  # without the fix: trains the whole warm start first
+    outcomes["warm_start"] = (p.returncode, out)
+    for where, (rc, out) in outcomes.items():
+        assert rc == 0 and "Traceback" not in out, (where, out[-3000:])
+        assert "during set-up: stopping now" in out and "stopped" in out, (where, out[-3000:])
+    assert not entry.exists() or not (entry / "report.json").exists()  # no cache entry, complete or not
+    for run in ("run1", "run2"):
+        assert not (tmp_path / run / "checkpoints").exists() and not (tmp_path / run / "metrics.jsonl").exists()
+    record("preemption", "sigterm_during_set_up", sigterm=2, places="warm-start lock wait, warm-start training",
+           exit_code=0, cache_entries_written=0)

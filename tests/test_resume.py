@@ -33,11 +33,11 @@ BASE = ["experiment=smoke", "trainer.progress=false", f"trainer.total_steps={N}"
         "trainer.eval_every=2", "algorithm.overlong_buffer=32", "regime=occ", "regime.ema=0.5"]
 
 
-def run_cli(run_dir: Path, cache_dir: Path, fault: str | None = None, extra=()) -> subprocess.CompletedProcess:
+def run_cli(run_dir: Path, cache_dir: Path, fault: str | None = None, extra=(), plots: bool = False) -> subprocess.CompletedProcess:
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "OCC_EXP_FAULT"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), WANDB_MODE="offline", WANDB_SILENT="true", COLUMNS="400",
-               OCC_EXP_TEST_MARK=marker)
+               OCC_EXP_TEST_MARK=marker, OCC_EXP_PLOTS=str(int(plots)))
     if fault:
         env["OCC_EXP_FAULT"] = fault
     cmd = [sys.executable, "-m", "occ_exp.train", *BASE, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
@@ -99,7 +99,7 @@ def assert_same_state(a: Path, b: Path) -> None:
 def straight(tmp_path_factory, cache_dir) -> Path:
     """One uninterrupted run of N steps (it also trains the shared warm start if needed)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    p = run_cli(run_dir, cache_dir)
+    p = run_cli(run_dir, cache_dir, plots=True)
     CLI_OUTPUT[run_dir] = p.stdout + p.stderr
     return run_dir
 

@@ -37,7 +37,7 @@ def build_task(data_cfg):
     if data_cfg.name == "tiny":
         return CountdownTask.from_config(data_cfg)
     if data_cfg.path:
-        return MathDataset(data_cfg.path, data_cfg.prompt_template)
+        return MathDataset(data_cfg.path, data_cfg.prompt_template, data_cfg.max_row_chars)
     raise ValueError(f"data={data_cfg.name!r} has no data.path; choose data=tiny or data=dapo_math, or set data.path")
 
 

@@ -8,11 +8,17 @@
         config.yaml          the resolved run config
         manifest.json        file sizes and sha256, written last
 
-A checkpoint is written under a temporary name (`.tmp_step_N_<pid>`), its files fsynced and
+A checkpoint is written under a temporary name (`.tmp_step_N_<pid>@<host>`), its files fsynced and
 hashed into the manifest, and then renamed: a kill in the middle of saving leaves the previous
 checkpoint as the newest complete one, and `latest_complete` skips any folder whose manifest does
 not check out. `keep_last` prunes older checkpoints only after the new one is complete, and never
-counts an incomplete one among those it keeps.
+counts an incomplete one among those it keeps; temporary folders of other processes are removed only
+when their writer is provably dead (`abandoned`).
+
+Every reader checks the manifest: resume (`resolve_resume`; a run whose every checkpoint is damaged
+stops instead of starting over), and `model.path` in training and evaluation
+(`verify_model_folder`, called by occ_exp.models.loading.load_pretrained). A problem is named by
+file (`manifest_problems`); unreadable files and folders count as damaged.
 
 This module imports no model code: `save_checkpoint` takes a model-writer callable (the trainer
 passes occ_exp.models.loading.save_policy bound to its policy), and the reader
@@ -26,16 +32,18 @@ import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from occ_exp.errors import ConfigError
+from occ_exp.errors import CheckpointError, ConfigError
 from occ_exp.faults import fault_point
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
+HOST = socket.gethostname()
 
 
 @dataclass
@@ -108,20 +116,80 @@ def write_manifest(folder: Path) -> None:
     atomic_write_text(folder / "manifest.json", json.dumps({"files": files}, indent=1))
 
 
+def manifest_problems(folder: Path, hashes: bool = True, under: str = "") -> list[str]:
+    """What is wrong with `folder` against its manifest.json, one line per problem naming the file
+    (e.g. 'model/model.safetensors: contents differ from the manifest (sha256)'); [] if every file
+    it lists (only those under the subfolder `under`, if given) is there with its size and, with
+    `hashes`, its sha256. A folder or file that cannot be read is a problem like a damaged one."""
+    try:
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        items = [(rel, int(info["bytes"]), info["sha256"]) for rel, info in files.items()]
+    except FileNotFoundError:
+        return ["manifest.json: missing (an interrupted save, or not written by occ-exp)"]
+    except OSError as e:
+        return [f"manifest.json: cannot be read ({e.strerror or e})"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ["manifest.json: not a valid manifest"]
+    out = []
+    for rel, size, sha in items:
+        if under and not rel.startswith(under.rstrip("/") + "/"):
+            continue
+        p = folder / rel
+        try:
+            if not p.is_file():
+                out.append(f"{rel}: missing")
+            elif p.stat().st_size != size:
+                out.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {size}")
+            elif hashes and _sha256(p) != sha:
+                out.append(f"{rel}: contents differ from the manifest (sha256)")
+        except OSError as e:
+            out.append(f"{rel}: cannot be read ({e.strerror or e})")
+    return out
+
+
 def verify_manifest(folder: Path, hashes: bool = True) -> bool:
     """True if every file of the manifest is there with its size (and, with `hashes`, its sha256)."""
-    mf = folder / "manifest.json"
-    if not mf.exists():
-        return False
-    try:
-        files = json.loads(mf.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        return False
-    for rel, info in files.items():
-        p = folder / rel
-        if not p.is_file() or p.stat().st_size != info["bytes"] or (hashes and _sha256(p) != info["sha256"]):
-            return False
-    return True
+    return not manifest_problems(folder, hashes)
+
+
+def model_folder_problems(model_dir: str | os.PathLike) -> tuple[Path, list[str]] | None:
+    """The checkpoint reader's check of a model folder (`model.path`, evaluation, resume): (the
+    folder whose manifest covers it, the problems found) -- its own manifest.json, or that of the
+    checkpoint it is the `model/` folder of; no problems if it checks out. None if no manifest
+    covers it (a plain Hugging Face folder: loadable, but unverified)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "manifest.json").exists():
+        return model_dir, manifest_problems(model_dir)
+    parent = model_dir.parent
+    if (parent / "manifest.json").exists():
+        problems = manifest_problems(parent, under=model_dir.name)
+        try:
+            listed = any(r.startswith(f"{model_dir.name}/") for r in json.loads((parent / "manifest.json").read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            listed = True  # a damaged manifest: its problems say so
+        if listed:
+            return parent, problems
+    return None
+
+
+def verify_model_folder(model_dir: str | os.PathLike, log=None) -> None:
+    """Refuse a model folder its manifest does not vouch for (CheckpointError naming the file);
+    a folder without a manifest (a plain Hugging Face folder) loads, with a line saying so."""
+    found = model_folder_problems(model_dir)
+    if found is None:
+        if log is not None:
+            log(f"model: {model_dir} has no manifest.json (not an occ-exp checkpoint); loading it unverified")
+        return
+    folder, problems = found
+    if problems:
+        raise CheckpointError(f"checkpoint {describe_problems(folder, problems)}; refusing to load it: point at another "
+                              "checkpoint (e.g. an earlier step_N) or restore this one")
+
+
+def describe_problems(folder: Path, problems: list[str]) -> str:
+    """'<folder>: <first problem>' (+ how many more), for one-line messages."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{folder}: {problems[0]}{more}"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -140,25 +208,39 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_complete(run_dir: Path, log=None) -> Path | None:
-    """The newest checkpoint whose manifest checks out (corrupt or partial ones are skipped)."""
+def latest_complete(run_dir: Path, log=None, damaged: list | None = None) -> Path | None:
+    """The newest checkpoint whose manifest checks out (damaged, partial or unreadable ones are
+    skipped, and appended to `damaged` as (folder, problems))."""
     for _, p in reversed(list_checkpoints(run_dir)):
-        if verify_manifest(p):
+        problems = manifest_problems(p)
+        if not problems:
             return p
+        if damaged is not None:
+            damaged.append((p, problems))
         if log is not None:
-            log(f"checkpoint {p} is incomplete or corrupt (manifest does not check out); skipping it")
+            log(f"checkpoint {describe_problems(p, problems)}; skipping it")
     return None
 
 
 def resolve_resume(run_dir: Path, resume: str, log=None) -> Path | None:
     """`trainer.resume`: auto (the newest complete checkpoint in the run dir, if any), never, or
-    the path of one checkpoint folder, which must be complete."""
+    the path of one checkpoint folder, which must be complete. Under auto, a run dir whose every
+    checkpoint is damaged is a CheckpointError listing them (nothing is moved: starting over from
+    step 0 takes an explicit trainer.resume=never)."""
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_complete(run_dir, log)
+        damaged: list = []
+        found = latest_complete(run_dir, log, damaged)
+        if found is None and damaged:
+            raise CheckpointError(
+                f"every checkpoint in {checkpoint_dir(run_dir)} is damaged: "
+                + "; ".join(f"{p.name} ({probs[0]})" for p, probs in damaged)
+                + ". Nothing was moved or deleted; repair one, or start over from step 0 with trainer.resume=never "
+                "(the damaged folders are then moved to checkpoints/superseded/)")
+        return found
     p = Path(resume)
-    if not p.is_dir() or not verify_manifest(p):
+    if not p.is_dir() or manifest_problems(p):
         raise ConfigError(f"trainer.resume: {p} is not a complete checkpoint (no folder, or its manifest.json does "
                           "not check out); use auto, never, or a <run dir>/checkpoints/step_N folder")
     return p
@@ -186,7 +268,7 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    tmp = root / f".tmp_step_{step:06d}_{_owner()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -197,7 +279,7 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
     write_manifest(tmp)
     old = None
     if final.exists():  # re-saving a step: move the old folder aside, never delete before the rename
-        old = root / f".old_step_{step:06d}_{os.getpid()}"
+        old = root / f".old_step_{step:06d}_{_owner()}"
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -207,9 +289,33 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
     return final
 
 
+def _owner() -> str:
+    """`<pid>@<host>`: the suffix of this process's temporary folders."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def abandoned(folder: Path) -> bool:
+    """A temporary folder (`.tmp_step_N_<pid>@<host>`, `.old_step_...`) this process may delete:
+    its own, or one whose writer is provably dead (same host, no such process). A folder of a
+    live process, or of another host (a shared file system), is left alone."""
+    pid, _, host = folder.name.rsplit("_", 1)[-1].partition("@")
+    if not pid.isdigit() or (host or HOST) != HOST:
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists (another user's): alive
+        return False
+    return False
+
+
 def prune(run_dir: Path, step: int, keep_last: int) -> None:
     """Keep the `keep_last` newest complete checkpoints up to `step`; delete older ones, incomplete
-    older ones and leftovers of interrupted saves. Called only after checkpoint `step` is complete."""
+    older ones and leftovers of interrupted saves that are provably abandoned (`abandoned`). Called
+    only after checkpoint `step` is complete, by the run-directory lock's holder."""
     older = [(s, p) for s, p in list_checkpoints(run_dir) if s <= step]
     complete = [p for _, p in older if verify_manifest(p, hashes=False)]
     keep = set(complete[-keep_last:])
@@ -217,7 +323,8 @@ def prune(run_dir: Path, step: int, keep_last: int) -> None:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
     for stale in list(checkpoint_dir(run_dir).glob(".tmp_step_*")) + list(checkpoint_dir(run_dir).glob(".old_step_*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        if abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -25,7 +25,7 @@ from occ_exp.checkpoint import latest_complete
 from occ_exp.config import CONF_DIR, ConfigError, absolute_paths, register_configs
 from occ_exp.data.benchmarks import DataError, load_benchmarks
 from occ_exp.evaluation import Evaluator, Scorers, results_table, write_eval
-from occ_exp.models.loading import CheckpointError
+from occ_exp.models.loading import CheckpointError, read_config_json
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout import build_rollout
 from occ_exp.runtime import pick_device, seed_everything, set_threads
@@ -35,7 +35,7 @@ register_configs()
 
 
 # -- the command --------------------------------------------------------------------------------
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, log=None) -> str:
     """A run dir (its newest complete checkpoint), a checkpoints/step_N dir or a model folder ->
     the model folder; anything else (a hub id) is returned unchanged for the loader."""
     p = Path(path)
@@ -44,9 +44,11 @@ def resolve_model_path(path: str) -> str:
     if (p / "model" / "config.json").is_file():
         return str(p / "model")
     if (p / "checkpoints").is_dir():
-        ckpt = latest_complete(p)
+        damaged: list = []
+        ckpt = latest_complete(p, log, damaged)
         if ckpt is None:
-            raise CheckpointError(f"{p}: no complete checkpoint under {p / 'checkpoints'}")
+            raise CheckpointError(f"{p}: no complete checkpoint under {p / 'checkpoints'}"
+                                  + "".join(f"; {d.name}: {probs[0]}" for d, probs in damaged))
         return str(ckpt / "model")
     return path
 
@@ -74,16 +76,17 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     benchmarks = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=cfg.eval.max_problems)
     if cfg.model.path:
-        cfg.model.path = resolve_model_path(cfg.model.path)
+        cfg.model.path = resolve_model_path(cfg.model.path, log)
         saved = Path(cfg.model.path) / "config.json"
         if saved.is_file():  # evaluate the checkpoint as saved, whatever its number of MTP layers
-            k = json.loads(saved.read_text()).get("num_nextn_predict_layers")
+            k = read_config_json(saved).get("num_nextn_predict_layers")
             if k:
                 cfg.model.num_mtp_layers = int(k)
     device = pick_device(cfg.trainer.device)
-    set_threads(cfg.trainer.threads)
+    threads = set_threads(cfg.trainer.threads)
     seed_everything(cfg.seed)
     env = builders.build(cfg, device, log=log)
+    log(str(threads))
     rollout = build_rollout(cfg.rollout, env.policy, env.tokenizer, device)
     evaluator = Evaluator(rollout, env.tokenizer, cfg.eval, cfg.model.chat_template,
                           Scorers({reward_kind(cfg.data): env.reward_fn}))

@@ -5,6 +5,12 @@ then SIGKILL after KillWait, 30 s by default; `#SBATCH --signal=TERM@120` sends 
 trainer installs `GracefulStop`, checks `should_stop()` at the end of every step, and on True
 writes a checkpoint and returns, so the process exits 0 and the next launch with the same run
 directory resumes from that step.
+
+Set-up (resume, data, model load, warm start, cache-lock waits, first evaluation) saves nothing,
+so waiting for it to end would only delay the exit by up to its whole length: until `ready()`, a
+SIGTERM raises `StopRequested` wherever the main thread is (also inside a blocking wait such as
+a cache lock), the trainer returns at once, and nothing is half-written because everything set-up
+writes is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -16,23 +22,42 @@ import torch
 import torch.distributed as dist
 
 
+class StopRequested(BaseException):
+    """A stop signal arrived during set-up (nothing to save). A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
 class GracefulStop:
     """Turn SIGTERM into a flag for the duration of a `with` block (previous handler restored on
     exit). A second SIGTERM while the step is still running is ignored: the step finishes and
-    checkpoints either way, and the cluster's SIGKILL is the hard limit."""
+    checkpoints either way, and the cluster's SIGKILL is the hard limit.
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), log=print):
+    `setup=True`: until `ready()` is called, the signal raises StopRequested instead (see the
+    module docstring); later signals only set the flag, so the unwinding is not interrupted."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), log=print, setup: bool = False):
         self.signals = signals
         self.log = log
         self.requested = False
         self.signum: int | None = None
+        self.in_setup = setup
+        self.step, self.checkpoint = 0, None  # where a stop during set-up leaves the run (set on resume)
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        if not self.requested:
-            self.log(f"received {signal.Signals(signum).name}: finishing this step, writing a checkpoint, then exiting")
+        first = not self.requested
         self.requested = True
         self.signum = signum
+        if self.in_setup:
+            self.in_setup = False
+            self.log(f"received {signal.Signals(signum).name} during set-up: stopping now (nothing to save)")
+            raise StopRequested(signal.Signals(signum).name)
+        if first:
+            self.log(f"received {signal.Signals(signum).name}: finishing this step, writing a checkpoint, then exiting")
+
+    def ready(self) -> None:
+        """Set-up is over: from now on a signal only sets the flag that `should_stop` reads."""
+        self.in_setup = False
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread

@@ -21,6 +21,7 @@ advantage to optimiser steps, is occ_exp.learner), and `train` loops, logs and c
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from occ_exp.faults import fault_point
 from occ_exp.learner import (NonFiniteGuard, build_optimizer, compute_advantages, learner_update, mean_dict,
                              rollout_metrics, set_logp_old, shaped_reward)
 from occ_exp.models.loading import save_policy
-from occ_exp.preemption import GracefulStop
+from occ_exp.locks import run_lock
+from occ_exp.preemption import GracefulStop, StopRequested
 from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout import build_rollout
 from occ_exp.rollout.base import Rollout, recompute_logp_old_needed
@@ -114,9 +116,10 @@ class Run:
 
 
 # -- set-up -----------------------------------------------------------------------------------------
-def set_up(cfg: DictConfig, run_dir: Path, log) -> Run:
+def set_up(cfg: DictConfig, run_dir: Path, log, stop: GracefulStop | None = None) -> Run:
     """Evaluation sets (files checked first), model, tokenizer, data, reward, rollout engine,
-    optimiser; then the checkpoint's state (or, for fresh MTP heads, their warm-up); then the tracker."""
+    optimiser; then the checkpoint's state (or, for fresh MTP heads, their warm-up); then the tracker.
+    `stop` learns the step resumed from (where a SIGTERM during the rest of set-up leaves the run)."""
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     t, a = cfg.trainer, cfg.algorithm
@@ -126,9 +129,11 @@ def set_up(cfg: DictConfig, run_dir: Path, log) -> Run:
     dist = D.init_distributed(cfg.distributed, t.device)  # no process group outside torchrun / Slurm
     device = dist.device
     log = log if dist.is_main else (lambda *_: None)
-    set_threads(t.threads)
+    threads = set_threads(t.threads)  # 0: the cores available / the runs launched side by side
     seed_everything(cfg.seed)
-    ckpt = resolve_resume(run_dir, t.resume, log)
+    ckpt = resolve_resume(run_dir, t.resume, log)  # every checkpoint damaged: CheckpointError, nothing moved
+    if t.resume == "never" and dist.is_main:  # starting over: earlier checkpoints are kept, set aside
+        set_aside_newer(run_dir, 0, log)
 
     eval_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.eval_problems)
     final_sets = load_benchmarks(cfg.benchmark.names, cfg.paths.data_dir, cfg.data, limit=t.final_eval_problems)
@@ -158,6 +163,8 @@ def set_up(cfg: DictConfig, run_dir: Path, log) -> Run:
         run.start, wandb_id = state.step, state.wandb_id
         if dist.is_main:
             set_aside_newer(run_dir, run.start, log)
+        if stop is not None:
+            stop.step, stop.checkpoint = run.start, ckpt
         log(f"resumed from {ckpt} at step {run.start}")
         rollout.sync_weights()
     elif env.fresh_mtp_layers and cfg.model.mtp_warmup_steps > 0:  # fresh heads on a real checkpoint
@@ -167,6 +174,7 @@ def set_up(cfg: DictConfig, run_dir: Path, log) -> Run:
     policy.temperature = cfg.algorithm.temperature  # the learner's log-probs at the sampler's (warm-ups ran at 1)
     run.tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
                           OmegaConf.to_container(cfg, resolve=True), resume_step=run.start, run_id=wandb_id)
+    log(str(threads))
     return run
 
 
@@ -258,39 +266,56 @@ def rl_step(run: Run, step: int) -> dict:
 
 # -- the run ----------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: str | Path, log=print) -> dict:
-    """Run one experiment; returns the final metrics. SIGTERM stops it after the current step, with
-    a checkpoint (see occ_exp.preemption)."""
-    with GracefulStop(log=log) as stop:
-        run = set_up(cfg, Path(run_dir), log)
-        t = cfg.trainer
-        if t.eval_before_train and run.start == 0:
-            run.tracker.log(eval_metrics(run.evaluate(run.eval_sets)), step=0)
-        bar = tqdm(range(run.start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", initial=run.start,
-                   total=t.total_steps, disable=not (t.progress and run.dist.is_main), mininterval=1.0)
-        last: dict = run.tracker.last_row if run.start >= t.total_steps else {}  # a finished run: nothing to do
-        last_ckpt, stopped_at = run.resumed_from, None
-        for step in bar:
-            if step == run.start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
-                stopped_at = run.start
-                break
-            last = rl_step(run, step)
-            run.tracker.log(last, step=step)
-            bar.set_postfix(reward=f"{last['reward/mean']:.3f}", coef=f"{last['mtp/coef']:+.2e}",
-                            accept=f"{last['mtp/acceptance']:.3f}")
-            is_last, stopping = step == t.total_steps, stop.should_stop()
-            if is_last or stopping or (t.save_every and step % t.save_every == 0):
-                last_ckpt = run.checkpoint(step)
-            fault_point("after_step", step)
-            if stopping and not is_last:
-                run.log(f"stopped after step {step} on request (SIGTERM); checkpoint {last_ckpt}. "
-                        "Run the same command with the same hydra.run.dir to resume.")
-                stopped_at = step
-                break
-        summary = {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
-                   "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
-                   "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
-                   "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": str(run.tracker.metrics_path),
-                   "run_dir": str(run.run_dir)}
-        run.tracker.summary(summary)
-        run.close()
-        return summary
+    """Run one experiment; returns the final metrics. The run holds its directory's lock for its
+    whole life (occ_exp.locks: a second process on it is refused). SIGTERM during set-up stops it at
+    once; later, after the current step, with a checkpoint (see occ_exp.preemption)."""
+    with GracefulStop(log=log, setup=True) as stop:
+        try:
+            # one writer per run dir (rank 0 writes; torchrun ends the other ranks if it is refused)
+            with run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+                return _train(cfg, Path(run_dir), log, stop)
+        except StopRequested:
+            return run_summary({}, stop.step, stop.checkpoint, None, run_dir)
+
+
+def run_summary(last: dict, stopped_at: int | None, checkpoint, metrics_path, run_dir) -> dict:
+    """What `train` returns: the final accuracy (None unless the final evaluation ran), where it stopped."""
+    return {"final/accuracy": last.get("eval/accuracy") if last.get("eval/final") else None,
+            "stopped_at_step": stopped_at, "final/n": last.get("eval/n"),
+            "final/acceptance": last.get("mtp/acceptance"), "final/reward": last.get("reward/mean"),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "metrics": str(metrics_path) if metrics_path else None, "run_dir": str(run_dir)}
+
+
+def _train(cfg: DictConfig, run_dir: Path, log, stop: GracefulStop) -> dict:
+    """The run inside the lock: set-up, the evaluation before training, the steps, the summary."""
+    run = set_up(cfg, run_dir, log, stop)
+    t = cfg.trainer
+    if t.eval_before_train and run.start == 0:
+        run.tracker.log(eval_metrics(run.evaluate(run.eval_sets)), step=0)
+    stop.ready()  # set-up is over: SIGTERM now finishes the step and checkpoints
+    bar = tqdm(range(run.start + 1, t.total_steps + 1), desc=f"{cfg.regime.name}", initial=run.start,
+               total=t.total_steps, disable=not (t.progress and run.dist.is_main), mininterval=1.0)
+    last: dict = run.tracker.last_row if run.start >= t.total_steps else {}  # a finished run: nothing to do
+    last_ckpt, stopped_at = run.resumed_from, None
+    for step in bar:
+        if step == run.start + 1 and stop.should_stop():  # SIGTERM during set-up: nothing new to save
+            stopped_at = run.start
+            break
+        last = rl_step(run, step)
+        run.tracker.log(last, step=step)
+        bar.set_postfix(reward=f"{last['reward/mean']:.3f}", coef=f"{last['mtp/coef']:+.2e}",
+                        accept=f"{last['mtp/acceptance']:.3f}")
+        is_last, stopping = step == t.total_steps, stop.should_stop()
+        if is_last or stopping or (t.save_every and step % t.save_every == 0):
+            last_ckpt = run.checkpoint(step)
+        fault_point("after_step", step)
+        if stopping and not is_last:
+            run.log(f"stopped after step {step} on request (SIGTERM); checkpoint {last_ckpt}. "
+                    "Run the same command with the same hydra.run.dir to resume.")
+            stopped_at = step
+            break
+    summary = run_summary(last, stopped_at, last_ckpt, run.tracker.metrics_path, run.run_dir)
+    run.tracker.summary(summary)
+    run.close()
+    return summary

@@ -89,6 +89,7 @@ def _check_data_and_rollout(c) -> None:
     a = c.algorithm
     d = c.data
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1, got {d.prompts_per_step}")
+    _require(d.max_row_chars >= 1, "data.max_row_chars", f"must be >= 1 (the longest data row accepted), got {d.max_row_chars}")
     n_seq = d.prompts_per_step * a.group_size
     _require(
         n_seq % a.num_mini_batches == 0 and d.prompts_per_step % a.num_mini_batches == 0,

@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from occ_exp.checkpoint import atomic_write_text
 from occ_exp.config import RolloutConfig
 from occ_exp.diagnostics import mtp_health
 from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
@@ -125,7 +126,7 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
     key = cache_key(model_cfg, data_cfg)
     folder = Path(cache_dir) / "warmstart" / key
     report_path = folder / "report.json"
-    with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock"):
+    with file_lock(Path(cache_dir) / "warmstart" / f"{key}.lock", log=log):
         if report_path.exists():
             return _load(policy, folder, device, log, "reusing")
         shipped = shipped_folder(key) if use_shipped else None
@@ -134,7 +135,7 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
         report = _train(policy, tokenizer, task, ws, device, reward_fn, log)
         report["key"] = key
         save_policy(policy, tokenizer, folder / "model")
-        report_path.write_text(json.dumps(report, indent=1))
+        atomic_write_text(report_path, json.dumps(report, indent=1))  # its presence marks the entry complete
         log(f"warm start: saved to {folder}")
         return report
 

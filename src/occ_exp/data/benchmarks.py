@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from occ_exp.config import MAX_ROW_CHARS
 from occ_exp.data.jsonl import DataError, iter_jsonl_lines
 from occ_exp.data.tasks import CountdownTask, Problem
 
@@ -51,14 +52,14 @@ class Benchmark:
 
 
 # -- reading rows -------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: str | Path, max_row_chars: int = MAX_ROW_CHARS) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line of a JSONL file; a missing file or a bad line is
     a DataError naming it (and, for a missing or empty file, the fetch command)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found; fetch the data with `{fetch_hint(path.parent)}` "
                         "(or point paths.data_dir at a folder that has it)")
-    rows = list(iter_jsonl_lines(path))
+    rows = list(iter_jsonl_lines(path, max_row_chars=max_row_chars))
     if not rows:
         raise DataError(f"{path} has no rows; re-fetch it with `{fetch_hint(path.parent)}`")
     return rows
@@ -94,12 +95,12 @@ def row_to_problem(row: dict, where: str, template: str = "{problem}") -> Proble
     return Problem(template.replace("{problem}", text), _answer_text(row, where))
 
 
-def load_problems(path: str | Path, template: str = "{problem}") -> list[Problem]:
-    """Problems of a JSONL file, in file order."""
+def load_problems(path: str | Path, template: str = "{problem}", max_row_chars: int = MAX_ROW_CHARS) -> list[Problem]:
+    """Problems of a JSONL file, in file order (rows over `max_row_chars` characters are refused)."""
     if "{problem}" not in template:
         raise DataError(f"data.prompt_template must contain {{problem}}, got {template!r}")
     path = Path(path)
-    return [row_to_problem(row, f"{path}:{line_no}", template) for line_no, row in read_jsonl(path)]
+    return [row_to_problem(row, f"{path}:{line_no}", template) for line_no, row in read_jsonl(path, max_row_chars)]
 
 
 def dedup(problems: list[Problem]) -> list[Problem]:
@@ -133,7 +134,8 @@ def load_benchmark(name: str, data_dir: str | Path, data_cfg=None, limit: int = 
     if not path.is_file():
         raise DataError(f"benchmark {name}: {path} not found; fetch the benchmarks with "
                         f"`{fetch_hint(data_dir)}` (or set paths.data_dir to a folder that has them)")
-    return Benchmark(name, _subset(load_problems(path), limit), "math")
+    max_chars = data_cfg.max_row_chars if data_cfg is not None else MAX_ROW_CHARS
+    return Benchmark(name, _subset(load_problems(path, max_row_chars=max_chars), limit), "math")
 
 
 def load_benchmarks(names: Sequence[str], data_dir: str | Path, data_cfg=None, limit: int = 0) -> list[Benchmark]:
@@ -147,9 +149,9 @@ class MathDataset(Sequence):
     problem text; scored by the math reward. The trainer's PromptStream reads it in a fresh
     seeded order each epoch; `sample` draws single problems as the procedural task does."""
 
-    def __init__(self, path: str | Path, template: str = "{problem}"):
+    def __init__(self, path: str | Path, template: str = "{problem}", max_row_chars: int = MAX_ROW_CHARS):
         self.path = Path(path)
-        rows = load_problems(self.path, template)
+        rows = load_problems(self.path, template, max_row_chars)
         self.problems = dedup(rows)
         self.duplicates = len(rows) - len(self.problems)
 

@@ -30,8 +30,6 @@ tensors the run did not change are byte-identical to the source's.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -44,12 +42,17 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import __version__ as transformers_version
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 # transformers' per-file "Loading weights" / "Writing model shards" bars would interleave with the
 # run's own progress bar and error messages (a bad-input error must be one line).
 hf_logging.disable_progress_bar()
 
+from occ_exp.checkpoint import verify_model_folder
+from occ_exp.errors import CheckpointError
+from occ_exp.locks import file_lock
 from occ_exp.models.mtp import init_mtp_from_trunk
 from occ_exp.models.policy import MTPPolicy
 from occ_exp.models.tiny import build_tokenizer, tiny_config
@@ -57,10 +60,6 @@ from occ_exp.serving import serving_architecture
 
 MTP_PREFIX = "model.mtp_layers."
 PKG_SCHEME = "pkg://"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the configured model, or cannot be found."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -71,18 +70,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ValueError(f"model.dtype: unknown {name!r}; choose auto or one of {sorted(table)}")
     return table[name]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock between processes (concurrent runs building the same cache entry)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -- the tiny model ----------------------------------------------------------------------------
@@ -205,6 +192,20 @@ class LoadedModel:
     fresh_mtp_layers: list[int] = field(default_factory=list)  # MTP layers initialised from the trunk
 
 
+def read_config_json(cfg_path: Path) -> dict:
+    """A model folder's config.json as a dict; unreadable, not JSON or not an object: CheckpointError."""
+    try:
+        raw = json.loads(Path(cfg_path).read_text())
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e}); check the file and its permissions") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({str(e).splitlines()[0]}); the folder is damaged or not a "
+                              "Hugging Face model: restore config.json or point model.path at another folder") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object of model settings, got {type(raw).__name__}")
+    return raw
+
+
 def read_config(folder: Path, gguf_file: str | None = None) -> tuple[PretrainedConfig, str]:
     """The trunk's transformers config and the checkpoint's kind (mimo, hf or gguf)."""
     if gguf_file:
@@ -215,11 +216,20 @@ def read_config(folder: Path, gguf_file: str | None = None) -> tuple[PretrainedC
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json; expected a Hugging Face model folder "
                               f"(or set model.gguf_file for a GGUF file)")
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("model_type") == "mimo":  # MiMo = Qwen2 trunk + MTP layers; its remote code only adds those
-        keep = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
-        return Qwen2Config(**keep), "mimo"
-    return AutoConfig.from_pretrained(folder), "hf"
+    raw = read_config_json(cfg_path)
+    model_type = raw.get("model_type")
+    if model_type != "mimo" and model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not a model transformers {transformers_version} "
+                              "knows (remote code is not run); point model.path at a supported model (qwen2, llama, "
+                              "mimo, ...) or upgrade transformers")
+    try:
+        if model_type == "mimo":  # MiMo = Qwen2 trunk + MTP layers; its remote code only adds those
+            keep = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+            return Qwen2Config(**keep), "mimo"
+        return AutoConfig.from_pretrained(folder), "hf"
+    except Exception as e:  # a known model_type with settings its config class refuses (ValueError, TypeError, hub validation)
+        raise CheckpointError(f"{cfg_path}: not a valid {model_type} config ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _gguf_trunk(folder: Path, gguf_file: str, cache_dir: str | os.PathLike | None, log) -> Path:
@@ -290,11 +300,15 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     expected_config=None,
     log=print,
+    verify: bool = True,
 ) -> LoadedModel:
     """Trunk + `num_mtp_layers` MTP layers (None: as many as the checkpoint has, at least 1) from
     any supported source; see the module docstring. Layers the checkpoint has are loaded exactly,
-    the others are initialised from the trunk's last block (seeded by `seed`)."""
+    the others are initialised from the trunk's last block (seeded by `seed`). `verify`: check the
+    folder against the checkpoint manifest that covers it first (occ_exp.checkpoint.verify_model_folder)."""
     folder = resolve_model_dir(path)
+    if verify:
+        verify_model_folder(folder, log)
     config, kind = read_config(folder, gguf_file)
     if expected_config is not None:
         _check_sizes(path, config, expected_config)
@@ -375,9 +389,11 @@ def check_tokenizer(tokenizer, path) -> None:
 
 def load_policy_folder(path: str | os.PathLike, expected_config=None, device="cpu", dtype=torch.float32,
                        num_mtp_layers: int | None = None):
-    """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit).
+    """Load a folder written by `save_policy` (trunk and MTP layers, bit for bit), unverified: the
+    callers (resume, warm-start cache) have checked it themselves (resume: occ_exp.checkpoint.resolve_resume).
 
     `expected_config` (the running model's config) makes a size mismatch a clear error instead of
     a crash; `num_mtp_layers` asks for that many MTP layers (see `load_pretrained`)."""
-    m = load_pretrained(path, device=device, dtype=dtype, expected_config=expected_config, num_mtp_layers=num_mtp_layers)
+    m = load_pretrained(path, device=device, dtype=dtype, expected_config=expected_config, num_mtp_layers=num_mtp_layers,
+                        verify=False)
     return m.policy, m.tokenizer
