@@ -98,11 +98,11 @@ def test_single_process_has_no_process_group(monkeypatch):
 
 
 # -- two ranks under torchrun -----------------------------------------------------------------------
-def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     env.pop("WORLD_SIZE", None)
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", *args]
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -112,8 +112,7 @@ def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 def test_two_ranks_equal_one_process(tmp_path):
     """FSDP2 on 2 gloo ranks vs one process, same global batch: same loss, same lambda, same
     updated weights (with and without micro-batches and activation checkpointing, DAPO and GSPO);
-    greedy rollout=hf generation under full_params matches while ranks decode different lengths;
-    a checkpoint written by rank 0 resumes into a fresh sharded learner bit for bit."""
+    greedy rollout=hf generation under full_params matches while ranks decode different lengths."""
     out = tmp_path / "out.pt"
     _torchrun(["-m", "tests.distributed_worker", str(out)], timeout=240)
     r = torch.load(out, weights_only=False)
@@ -132,7 +131,57 @@ def test_two_ranks_equal_one_process(tmp_path):
     for rank, (prompts, max_new) in enumerate(W.gen_plan(2)):
         ref = W.generate(policy, tok, D.Dist(), prompts, max_new)
         assert torch.equal(r["generated"][rank], ref)
-    assert r["resume"] == {"step": 1, "weights_equal": True, "optimizer_equal": True}
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_two_ranks_one_rank_and_one_process(tmp_path):
+    """Under FSDP2 the optimiser state, the float32 master weights (when the model folder rounds
+    them: a bf16 source) and every rank's RNG are written sharded per rank with
+    torch.distributed.checkpoint (nothing of them in trainer_state.pt), the model folder in its
+    own dtype by rank 0, and the manifest covers the shards. Written on 2 ranks, the checkpoint
+    resumes bit for bit on 2 ranks, on 1 rank under torchrun and in one process (resharded);
+    a damaged shard makes the checkpoint incomplete."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from occ_exp.checkpoint import latest_complete, verify_manifest
+
+    out = tmp_path / "ckpt.pt"
+    _torchrun(["-m", "tests.distributed_worker", "--checkpoint", str(out)], timeout=300)
+    r = torch.load(out, weights_only=False)
+    assert set(r) == set(W.SOURCES)
+    for source, res in r.items():
+        ckpt, saved = Path(res["ckpt"]), res["saved"]
+        files = json.loads((ckpt / "manifest.json").read_text())["files"]
+        assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.pt",
+                "model/model.safetensors"} <= set(files)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        assert state["sharded_state"] == "dcp"
+        assert not {"optimizer", "master_weights", "rng_per_rank"} & set(state)  # nothing gathered on rank 0
+        assert {t.dtype for t in load_file(ckpt / "model" / "model.safetensors").values()} == {W.SOURCES[source]}
+        keys = FileSystemReader(ckpt / "dcp").read_metadata().state_dict_metadata
+        assert any(k.startswith("model.") for k in keys) == (source == "bf16")  # master weights only where kept
+        if source == "bf16":  # the float32 weights are not bf16 numbers: the folder alone would not resume them
+            assert any(not torch.equal(v, v.bfloat16().float()) for v in saved["weights"].values())
+
+        assert (res["step"], res["weights_equal"], res["optimizer_equal"], res["rng_equal"]) == (1, True, True, True)
+        one_out = tmp_path / f"one_{source}.pt"
+        _torchrun(["-m", "tests.distributed_worker", "--resume", str(ckpt), str(one_out)], timeout=240, nproc=1)
+        plain = W.resume_sharded_checkpoint(D.Dist(), ckpt)
+        for back in (torch.load(one_out, weights_only=False), plain):
+            assert back["step"] == 1
+            assert W.same(saved["weights"], back["weights"]), source
+            assert W.same(saved["optimizer"], back["optimizer"]), source
+            assert W.same(saved["rng"][:1], back["rng"]), source
+
+    ckpt = Path(r["bf16"]["ckpt"])
+    shard = ckpt / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    seen = []
+    assert not verify_manifest(ckpt) and latest_complete(ckpt.parents[1], log=seen.append) is None
+    assert "step_000001" in seen[0]
 
 
 @pytest.mark.slow
