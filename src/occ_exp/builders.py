@@ -156,7 +156,7 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
             rng = D.load_sharded_state(ckpt / state.sharded_state, policy, optimizer, dist)
         else:
             D.load_optimizer_state_dict(policy, optimizer, state.optimizer, dist)
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: its optimizer state does not fit this run's trainable parameters "
                               f"(written with another regime or model?): {e}") from None
     scheduler.load_state_dict(state.scheduler)

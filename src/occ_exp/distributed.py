@@ -25,6 +25,12 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every decoder layer, every M
 root (embeddings, final norm, LM head) over a 1-D device mesh. On GPUs parameters are kept in
 float32 (the optimiser's master copy) and all-gathered in bfloat16 for compute; gradients are
 reduce-scattered in float32 (`MixedPrecisionPolicy`). On the CPU (gloo) everything is float32.
+
+Checkpoints under FSDP2: the model folder is gathered onto rank 0 one tensor at a time in the
+folder's dtype (`full_model_state_dict`); the optimiser state, float32 master weights and every
+rank's RNGs stay sharded: each rank writes its own shards with torch.distributed.checkpoint
+(`save_sharded_state`), and `load_sharded_state` reshards them onto any number of ranks, or one
+process.
 """
 
 from __future__ import annotations
