@@ -3,6 +3,7 @@ two CPU ranks under torchrun (gloo) on the same global batch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -98,9 +99,9 @@ def test_single_process_has_no_process_group(monkeypatch):
 
 
 # -- two ranks under torchrun -----------------------------------------------------------------------
-def _torchrun(args: list[str], timeout: int, nproc: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int, nproc: int = 2, **extra_env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **extra_env}
     env.pop("WORLD_SIZE", None)
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -186,16 +187,32 @@ def test_sharded_checkpoint_resumes_on_two_ranks_one_rank_and_one_process(tmp_pa
 
 @pytest.mark.slow
 def test_two_rank_training_run_writes_metrics_and_resumes(tmp_path):
-    """`torchrun -m occ_exp.train` end to end on 2 CPU ranks: rank 0 logs and checkpoints, a second
-    launch resumes from the sharded run's checkpoint."""
-    run = tmp_path / "run"
-    common = ["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false", "trainer.device=cpu",
-              "trainer.save_every=1", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
-              "trainer.progress=false"]
-    _torchrun(common + ["trainer.total_steps=1"], timeout=240)
-    _torchrun(common + ["trainer.total_steps=2"], timeout=240)
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer, no duplicated steps after resume
-    assert all(math.isfinite(rows[-1][k]) for k in ("mtp/coef", "mtp/acceptance", "reward/mean", "time/gather_s"))
-    assert rows[-1]["eval/n"] == 32 and rows[-1]["eval/final"] == 1
-    assert (run / "checkpoints" / "step_000002" / "model" / "model.safetensors").exists()
+    """`torchrun -m occ_exp.train` end to end on 2 CPU ranks: rank 0 logs and checkpoints (the
+    trainer state sharded per rank), a launch pre-empted (SIGTERM) in step 1 is resumed by a second
+    launch from the sharded checkpoint, and the resumed run equals an uninterrupted one bit for bit
+    (every metric, the model folder, the optimiser shards)."""
+    def launch(run, **env):
+        return _torchrun(["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false",
+                          "trainer.device=cpu", "trainer.save_every=1", f"hydra.run.dir={run}",
+                          f"paths.cache_dir={tmp_path / 'cache'}", "trainer.progress=false", "trainer.total_steps=2",
+                          "regime=occ", "regime.ema=0.5"], timeout=300, **env)
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert "stopped after step 1" in launch(run, OCC_EXP_FAULT="sigterm_during_step:1").stderr
+    assert "at step 1" in launch(run).stderr
+    launch(straight)
+    r = rows(run)
+    assert [x["step"] for x in r] == [0, 1, 2]  # one writer, no duplicated steps after resume
+    assert all(math.isfinite(r[-1][k]) for k in ("mtp/coef", "mtp/acceptance", "reward/mean"))
+    assert r[-1]["eval/n"] == 32 and r[-1]["eval/final"] == 1
+    assert r == rows(straight)
+    a, b = run / "checkpoints" / "step_000002", straight / "checkpoints" / "step_000002"
+    for rel in ("model/model.safetensors", "dcp/__0_0.distcp", "dcp/__1_0.distcp"):
+        assert sha(a / rel) == sha(b / rel), rel
