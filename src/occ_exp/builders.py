@@ -135,8 +135,11 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
                 rollout=None) -> TrainState:
     """Restore model, optimiser, scheduler, RNGs, data position, OCC state, the numerical guard's
     counters and the rollout engine's state (what `capture_state` saved); returns the TrainState. Under
-    FSDP2 (`dist.enabled`) rank 0 reads the files and the state is broadcast and sharded. A
-    checkpoint of another model size is a CheckpointError naming the differences."""
+    FSDP2 (`dist.enabled`) rank 0 reads the model folder and it is broadcast and sharded. The
+    sharded trainer state of a checkpoint written under a process group (`<ckpt>/dcp`) is read by
+    every rank, resharded to this run's ranks or to one process; ranks the writing run did not have
+    take rank 0's RNG state. A checkpoint of another model size is a CheckpointError naming the
+    differences."""
     dist = dist or D.Dist()
     state = TrainState.load(ckpt)
     if dist.enabled:
