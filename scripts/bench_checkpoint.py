@@ -38,9 +38,10 @@ from occ_exp import builders
 from occ_exp import distributed as D
 from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.regimes import get_regime
+from occ_exp.checkpoint import save_checkpoint
 from occ_exp.config import register_configs
 from occ_exp.learner import NonFiniteGuard, build_optimizer
-from occ_exp.models.loading import build_tiny_policy
+from occ_exp.models.loading import build_tiny_policy, save_policy
 from occ_exp.rollout.base import Rollout
 from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
@@ -64,9 +65,7 @@ def save(run_dir: Path, policy, tok, opt, sched, cs, dist) -> Path | None:
     args = (policy, tok, opt, sched, cs, _NoPrompts(), torch.Generator(), dist, NonFiniteGuard(3), Rollout(), None)
     if hasattr(builders, "save_run_checkpoint"):  # this tree
         return builders.save_run_checkpoint(run_dir, 1, *args, "{}", 2)
-    from occ_exp.checkpoint import save_checkpoint  # the tree before: everything gathered on rank 0
-    from occ_exp.models.loading import save_policy
-
+    # the tree before: everything gathered on rank 0
     model_sd = D.full_model_state_dict(policy, dist)
     state = builders.capture_state(1, policy, opt, sched, cs, _NoPrompts(), torch.Generator(), dist, NonFiniteGuard(3),
                                    Rollout(), None, model_sd)
@@ -117,7 +116,7 @@ def main(out: str, source: str, overrides: list[str]) -> None:
     mem = dist.all_gather_object({"rss_before_gib": base, "peak_gib": peak, "peak_rise_mib": (peak - base) * 1024})
     if dist.is_main:
         commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(builders.__file__).parent).stdout.strip()
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(builders.__file__).parent).stdout.strip()
         row = {"tree": str(Path(builders.__file__).parents[2]), "commit": commit,
                "format": "dcp" if (ckpt / "dcp").is_dir() else "trainer_state.pt (gathered on rank 0)",
                "world_size": dist.world_size, "source_dtype": source, "parameters": n_params,

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from occ_exp import distributed as D
+from occ_exp.checkpoint import latest_complete, verify_manifest
 from occ_exp.learner import MetricAccumulator, micro_batch_indices
 from tests import distributed_worker as W
 
@@ -142,11 +145,6 @@ def test_sharded_checkpoint_resumes_on_two_ranks_one_rank_and_one_process(tmp_pa
     own dtype by rank 0, and the manifest covers the shards. Written on 2 ranks, the checkpoint
     resumes bit for bit on 2 ranks, on 1 rank under torchrun and in one process (resharded);
     a damaged shard makes the checkpoint incomplete."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from occ_exp.checkpoint import latest_complete, verify_manifest
-
     out = tmp_path / "ckpt.pt"
     _torchrun(["-m", "tests.distributed_worker", "--checkpoint", str(out)], timeout=300)
     r = torch.load(out, weights_only=False)
