@@ -1,6 +1,8 @@
 """The sharded learner on a fixed global batch, for tests/test_distributed.py.
 
     torchrun --nproc_per_node=2 -m tests.distributed_worker OUT.pt     # FSDP2 over gloo, 2 ranks
+    torchrun --nproc_per_node=2 -m tests.distributed_worker --checkpoint OUT.pt   # save, resume
+    torchrun --nproc_per_node=1 -m tests.distributed_worker --resume CKPT OUT.pt  # resume elsewhere
     (the test runs the same cases in its own process, without a process group, and compares)
 
 Each case builds the same random tiny policy, feeds the same global RolloutBatch (every rank
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -118,38 +119,79 @@ def gen_plan(world: int) -> list[tuple[list[str], int]]:
     return [(GEN_PROMPTS[r * per : (r + 1) * per], 5 + 4 * r) for r in range(world)]
 
 
-def checkpoint_round_trip(dist, out_dir: Path) -> dict:
-    """Train one step, save (rank 0 writes the HF folder and the full optimizer state), build a
-    fresh sharded learner, resume from the folder, compare weights and optimizer state."""
+SOURCES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dtype the model folder is saved in
+
+
+def full_optimizer(policy, opt) -> dict:
+    """The optimiser state keyed by parameter name, whole (rank 0; any world size, or one process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_checkpoint(dist, run_dir: Path, source: str) -> dict:
+    """Train one step and save it with the trainer's own checkpoint writer (under a process group:
+    the model folder from rank 0, the rest sharded by every rank). `source` bf16: a bf16 source
+    trained in float32 (the folder is bf16, the float32 master weights go into the shards).
+    Returns what a resume must give back: full weights, full optimiser state, every rank's RNG."""
     from occ_exp import builders
-    from occ_exp.checkpoint import save_checkpoint
-    from occ_exp.learner import NonFiniteGuard
-    from occ_exp.models.loading import save_policy
+    from occ_exp.learner import NonFiniteGuard, learner_update
     from occ_exp.rollout.base import Rollout
-    from occ_exp.learner import learner_update
 
     cfg = compose_cfg(CASES["occ"])
     policy, tok, regime, opt, sched = build(cfg, dist)
+    policy.source_format["dtype"] = SOURCES[source]
     cs = [CoefficientState() for _ in range(policy.num_mtp_layers)]
     batch = fixed_batch(policy.config.vocab_size, seed=1)  # every rank holds the whole (gathered) batch
     learner_update(policy, opt, sched, regime, batch, cfg, cs, torch.Generator().manual_seed(0), dist)
-    state = builders.capture_state(1, policy, opt, sched, cs, _NoPrompts(), torch.Generator(), dist,
-                                   NonFiniteGuard(3), Rollout())
-    model_sd = D.full_model_state_dict(policy, dist)
-    if dist.is_main:
-        save_checkpoint(out_dir, 1, partial(save_policy, policy, tok, state_dict=model_sd), state, "{}")
-    dist.barrier()
-    saved_w, saved_o = full_state(policy, dist), D.optimizer_state_dict(policy, opt, dist)
+    torch.manual_seed(100 + dist.rank)  # a different RNG state on each rank
+    rng = dist.all_gather_object(torch.get_rng_state())
+    builders.save_run_checkpoint(run_dir, 1, policy, tok, opt, sched, cs, _NoPrompts(), torch.Generator(), dist,
+                                 NonFiniteGuard(3), Rollout(), None, "{}", 2)
+    return {"weights": full_state(policy, dist), "optimizer": full_optimizer(policy, opt), "rng": rng}
 
-    policy2, _, _, opt2, sched2 = build(cfg, dist)
-    step = builders.resume_from(out_dir / "checkpoints" / "step_000001", policy2, opt2, sched2, cs, _NoPrompts(),
-                                torch.Generator(), dist.device, dist=dist).step
-    w2, o2 = full_state(policy2, dist), D.optimizer_state_dict(policy2, opt2, dist)
-    if not dist.is_main:
-        return {}
-    tensors = [(s[k][n], o2["state"][k][n]) for s in [saved_o["state"]] for k in s for n in s[k] if torch.is_tensor(s[k][n])]
-    return {"step": step, "weights_equal": set(saved_w) == set(w2) and all(torch.equal(saved_w[k], w2[k]) for k in w2),
-            "optimizer_equal": bool(tensors) and all(torch.equal(a, b) for a, b in tensors)}
+
+def resume_sharded_checkpoint(dist, ckpt: Path) -> dict:
+    """A fresh learner (on this run's ranks, or one process) resumed from `ckpt`: step, full
+    weights, full optimiser state, every rank's RNG (rank 0's view)."""
+    from occ_exp import builders
+
+    policy, _, _, opt, sched = build(compose_cfg(CASES["occ"]), dist)
+    torch.manual_seed(999)
+    cs = [CoefficientState() for _ in range(policy.num_mtp_layers)]
+    step = builders.resume_from(ckpt, policy, opt, sched, cs, _NoPrompts(), torch.Generator(), dist.device,
+                                dist=dist).step
+    return {"step": step, "weights": full_state(policy, dist), "optimizer": full_optimizer(policy, opt),
+            "rng": dist.all_gather_object(torch.get_rng_state())}
+
+
+def same(x, y) -> bool:
+    """Nested dicts / lists of tensors and plain values, tensors compared bit for bit."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
+def checkpoint_round_trip(dist, out_dir: Path) -> dict:
+    """For each source dtype: save on this run's ranks, resume into a fresh sharded learner,
+    compare weights, optimiser state and the per-rank RNGs bit for bit. Returns, per source, the
+    checkpoint folder, what was saved and the comparison (rank 0)."""
+    out = {}
+    for source in SOURCES:
+        run_dir = out_dir / source
+        saved = save_sharded_checkpoint(dist, run_dir, source)
+        ckpt = run_dir / "checkpoints" / "step_000001"
+        back = resume_sharded_checkpoint(dist, ckpt)
+        if dist.is_main:
+            out[source] = {"ckpt": str(ckpt), "saved": saved, "step": back["step"],
+                           "weights_equal": same(saved["weights"], back["weights"]),
+                           "optimizer_equal": bool(saved["optimizer"]["state"]) and same(saved["optimizer"], back["optimizer"]),
+                           "rng_equal": same(saved["rng"], back["rng"])}
+    return out
 
 
 class _NoPrompts:
@@ -160,6 +202,26 @@ class _NoPrompts:
         pass
 
 
+def resume_main(ckpt: str, out: str) -> None:
+    """`-m tests.distributed_worker --resume CKPT OUT.pt`: resume a checkpoint on this launch's ranks."""
+    torch.set_num_threads(1)
+    dist = D.init_distributed(compose_cfg([]).distributed, "cpu")
+    back = resume_sharded_checkpoint(dist, Path(ckpt))
+    if dist.is_main:
+        torch.save({"world_size": dist.world_size, **back}, out)
+    dist.close()
+
+
+def checkpoint_main(out: str) -> None:
+    """`-m tests.distributed_worker --checkpoint OUT.pt`: `checkpoint_round_trip` next to OUT.pt."""
+    torch.set_num_threads(1)
+    dist = D.init_distributed(compose_cfg([]).distributed, "cpu")
+    result = checkpoint_round_trip(dist, Path(out).parent / "ckpt")
+    if dist.is_main:
+        torch.save(result, out)
+    dist.close()
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     dist = D.init_distributed(compose_cfg([]).distributed, "cpu")
@@ -168,7 +230,6 @@ def main(out: str) -> None:
     prompts, max_new = gen_plan(dist.world_size)[dist.rank]
     tokens = generate(policy, tok, dist, prompts, max_new)
     results["generated"] = dist.all_gather_object(tokens)
-    results["resume"] = checkpoint_round_trip(dist, Path(out).parent / "ckpt")
     if dist.is_main:
         torch.save(results, out)
     dist.close()
@@ -176,4 +237,9 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(sys.argv[1])
+    if sys.argv[1] == "--resume":
+        resume_main(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "--checkpoint":
+        checkpoint_main(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from occ_exp.checkpoint import (TrainState, atomic_write_text, latest_complete, list_checkpoints, load_trainer_state,
-                                resolve_resume, save_checkpoint, set_aside_newer, verify_manifest)
+                                manifest_entry, resolve_resume, save_checkpoint, set_aside_newer, verify_manifest)
 from occ_exp.config import ConfigError
 from occ_exp.models.loading import save_policy
 from tests.reliability_log import record
@@ -52,6 +52,31 @@ def test_damaged_checkpoint_is_skipped(tmp_path, tiny_policy, damage):
     assert latest_complete(tmp_path, log=seen.append) == good
     assert "step_000002" in seen[0]
     record("checkpoint_damage", damage, injected=1, detected=True, resumed_from="step_000001")
+
+
+def test_files_written_beside_the_model_are_in_the_manifest(tmp_path, tiny_policy):
+    """The sharded trainer state (written into the checkpoint by every rank, hashed by the rank
+    that wrote it) is covered by the manifest like every other file: a damaged shard, or one
+    whose hash the writer reported, is caught."""
+    policy, tok = tiny_policy
+
+    def write_shards(folder):
+        (folder / "dcp").mkdir()
+        (folder / "dcp" / ".metadata").write_bytes(b"m" * 10)  # hashed by rank 0 (not reported)
+        shard = folder / "dcp" / "__1_0.distcp"
+        shard.write_bytes(bytes(range(256)) * 4)
+        return {"dcp/__1_0.distcp": manifest_entry(shard)}  # hashed by the rank that wrote it
+
+    ckpt = save_checkpoint(tmp_path, 1, partial(save_policy, policy, tok), TrainState(1, sharded_state="dcp"), "a: 1\n",
+                           write_shards=write_shards)
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__1_0.distcp", "model/model.safetensors"} <= set(files)
+    assert verify_manifest(ckpt) and TrainState.load(ckpt).sharded_state == "dcp"
+    shard = ckpt / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert not verify_manifest(ckpt) and latest_complete(tmp_path) is None
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, tiny_policy):

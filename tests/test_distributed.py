@@ -3,6 +3,7 @@ two CPU ranks under torchrun (gloo) on the same global batch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from occ_exp import distributed as D
+from occ_exp.checkpoint import latest_complete, verify_manifest
 from occ_exp.learner import MetricAccumulator, micro_batch_indices
 from tests import distributed_worker as W
 
@@ -98,11 +102,11 @@ def test_single_process_has_no_process_group(monkeypatch):
 
 
 # -- two ranks under torchrun -----------------------------------------------------------------------
-def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int, nproc: int = 2, **extra_env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **extra_env}
     env.pop("WORLD_SIZE", None)
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", *args]
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -112,8 +116,7 @@ def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 def test_two_ranks_equal_one_process(tmp_path):
     """FSDP2 on 2 gloo ranks vs one process, same global batch: same loss, same lambda, same
     updated weights (with and without micro-batches and activation checkpointing, DAPO and GSPO);
-    greedy rollout=hf generation under full_params matches while ranks decode different lengths;
-    a checkpoint written by rank 0 resumes into a fresh sharded learner bit for bit."""
+    greedy rollout=hf generation under full_params matches while ranks decode different lengths."""
     out = tmp_path / "out.pt"
     _torchrun(["-m", "tests.distributed_worker", str(out)], timeout=240)
     r = torch.load(out, weights_only=False)
@@ -132,24 +135,85 @@ def test_two_ranks_equal_one_process(tmp_path):
     for rank, (prompts, max_new) in enumerate(W.gen_plan(2)):
         ref = W.generate(policy, tok, D.Dist(), prompts, max_new)
         assert torch.equal(r["generated"][rank], ref)
-    assert r["resume"] == {"step": 1, "weights_equal": True, "optimizer_equal": True}
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_two_ranks_one_rank_and_one_process(tmp_path):
+    """Under FSDP2 the optimiser state, the float32 master weights (when the model folder rounds
+    them: a bf16 source) and every rank's RNG are written sharded per rank with
+    torch.distributed.checkpoint (nothing of them in trainer_state.pt), the model folder in its
+    own dtype by rank 0, and the manifest covers the shards. Written on 2 ranks, the checkpoint
+    resumes bit for bit on 2 ranks, on 1 rank under torchrun and in one process (resharded);
+    a damaged shard makes the checkpoint incomplete."""
+    out = tmp_path / "ckpt.pt"
+    _torchrun(["-m", "tests.distributed_worker", "--checkpoint", str(out)], timeout=300)
+    r = torch.load(out, weights_only=False)
+    assert set(r) == set(W.SOURCES)
+    for source, res in r.items():
+        ckpt, saved = Path(res["ckpt"]), res["saved"]
+        files = json.loads((ckpt / "manifest.json").read_text())["files"]
+        assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.pt",
+                "model/model.safetensors"} <= set(files)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        assert state["sharded_state"] == "dcp"
+        assert not {"optimizer", "master_weights", "rng_per_rank"} & set(state)  # nothing gathered on rank 0
+        assert {t.dtype for t in load_file(ckpt / "model" / "model.safetensors").values()} == {W.SOURCES[source]}
+        keys = FileSystemReader(ckpt / "dcp").read_metadata().state_dict_metadata
+        assert any(k.startswith("model.") for k in keys) == (source == "bf16")  # master weights only where kept
+        if source == "bf16":  # the float32 weights are not bf16 numbers: the folder alone would not resume them
+            assert any(not torch.equal(v, v.bfloat16().float()) for v in saved["weights"].values())
+
+        assert (res["step"], res["weights_equal"], res["optimizer_equal"], res["rng_equal"]) == (1, True, True, True)
+        one_out = tmp_path / f"one_{source}.pt"
+        _torchrun(["-m", "tests.distributed_worker", "--resume", str(ckpt), str(one_out)], timeout=240, nproc=1)
+        plain = W.resume_sharded_checkpoint(D.Dist(), ckpt)
+        for back in (torch.load(one_out, weights_only=False), plain):
+            assert back["step"] == 1
+            assert W.same(saved["weights"], back["weights"]), source
+            assert W.same(saved["optimizer"], back["optimizer"]), source
+            assert W.same(saved["rng"][:1], back["rng"]), source
+
+    ckpt = Path(r["bf16"]["ckpt"])
+    shard = ckpt / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    seen = []
+    assert not verify_manifest(ckpt) and latest_complete(ckpt.parents[1], log=seen.append) is None
+    assert "step_000001" in seen[0]
 
 
 @pytest.mark.slow
 def test_two_rank_training_run_writes_metrics_and_resumes(tmp_path):
-    """`torchrun -m occ_exp.train` end to end on 2 CPU ranks: rank 0 logs and checkpoints, a second
-    launch resumes from the sharded run's checkpoint."""
-    run = tmp_path / "run"
-    common = ["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false", "trainer.device=cpu",
-              "trainer.save_every=1", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
-              "trainer.progress=false"]
-    _torchrun(common + ["trainer.total_steps=1"], timeout=240)
-    _torchrun(common + ["trainer.total_steps=2"], timeout=240)
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer, no duplicated steps after resume
-    assert all(math.isfinite(rows[-1][k]) for k in ("mtp/coef", "mtp/acceptance", "reward/mean", "time/gather_s"))
-    assert rows[-1]["eval/n"] == 32 and rows[-1]["eval/final"] == 1
-    assert (run / "checkpoints" / "step_000002" / "model" / "model.safetensors").exists()
+    """`torchrun -m occ_exp.train` end to end on 2 CPU ranks: rank 0 logs and checkpoints (the
+    trainer state sharded per rank), a launch pre-empted (SIGTERM) in step 1 is resumed by a second
+    launch from the sharded checkpoint, and the resumed run equals an uninterrupted one bit for bit
+    (every metric, the model folder, the optimiser shards)."""
+    def launch(run, **env):
+        return _torchrun(["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false",
+                          "trainer.device=cpu", "trainer.save_every=1", f"hydra.run.dir={run}",
+                          f"paths.cache_dir={tmp_path / 'cache'}", "trainer.progress=false", "trainer.total_steps=2",
+                          "regime=occ", "regime.ema=0.5"], timeout=300, **env)
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert "stopped after step 1" in launch(run, OCC_EXP_FAULT="sigterm_during_step:1").stderr
+    assert "at step 1" in launch(run).stderr
+    launch(straight)
+    r = rows(run)
+    assert [x["step"] for x in r] == [0, 1, 2]  # one writer, no duplicated steps after resume
+    assert all(math.isfinite(r[-1][k]) for k in ("mtp/coef", "mtp/acceptance", "reward/mean"))
+    assert r[-1]["eval/n"] == 32 and r[-1]["eval/final"] == 1
+    assert r == rows(straight)
+    a, b = run / "checkpoints" / "step_000002", straight / "checkpoints" / "step_000002"
+    for rel in ("model/model.safetensors", "dcp/__0_0.distcp", "dcp/__1_0.distcp"):
+        assert sha(a / rel) == sha(b / rel), rel
 
 
 @pytest.mark.slow

@@ -5,17 +5,18 @@ side). Kept apart from the trainer so the loop reads like the algorithm."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from occ_exp import distributed as D
-from occ_exp.checkpoint import TrainState
+from occ_exp.checkpoint import TrainState, manifest_entry, save_checkpoint
 from occ_exp.config import ConfigError
 from occ_exp.data.benchmarks import MathDataset
 from occ_exp.data.tasks import CountdownTask
 from occ_exp.models.loading import (CheckpointError, build_tiny_policy, check_tokenizer, load_policy_folder,
-                                    load_pretrained, resolve_dtype, save_dtype)
+                                    load_pretrained, resolve_dtype, save_dtype, save_policy)
 from occ_exp.reward.rewards import build_reward
 from occ_exp.runtime import rng_state, set_rng_state
 from occ_exp.warmstart import warm_start
@@ -71,34 +72,74 @@ def build(cfg, device: torch.device, log=print, with_warm_start: bool = True) ->
 
 
 def capture_state(step: int, policy, optimizer, scheduler, coef_states, prompts, gen, dist, guard, rollout,
-                  wandb_id: str | None = None, full_model_state_dict: dict | None = None) -> TrainState:
-    """The run's state after `step` (the weights are written apart, by the model writer). Under
-    FSDP2 the optimizer state and every rank's RNGs are gathered: every rank calls this."""
+                  wandb_id: str | None = None) -> TrainState:
+    """The run's state after `step` (the weights are written apart, by the model writer). Under a
+    process group the optimizer state, master weights and per-rank RNGs are not in it: every rank
+    writes its shards of them (`write_sharded_state`), and `sharded_state` names their folder."""
+    sharded = dist.enabled
     return TrainState(
-        step=step, optimizer=D.optimizer_state_dict(policy, optimizer, dist), scheduler=scheduler.state_dict(),
-        rng=rng_state(), generator=gen.get_state(), prompts=prompts.state_dict(),
+        step=step, optimizer=None if sharded else D.optimizer_state_dict(policy, optimizer, dist),
+        scheduler=scheduler.state_dict(), rng=rng_state(), generator=gen.get_state(), prompts=prompts.state_dict(),
         coef_states=[c.state_dict() for c in coef_states], guard=guard.state_dict(), rollout=rollout.state_dict(),
-        rng_per_rank=D.rng_per_rank(dist), wandb_id=wandb_id,
-        master_weights=master_weights(policy, full_model_state_dict) if dist.is_main else None,
+        wandb_id=wandb_id, master_weights=None if sharded else master_weights(policy),
+        sharded_state=SHARDED_DIR if sharded else None,
     )
 
 
-def master_weights(policy, full_state_dict: dict | None) -> dict | None:
+SHARDED_DIR = "dcp"  # the checkpoint's subfolder of sharded trainer state (torch.distributed.checkpoint)
+
+
+def master_weights(policy) -> dict | None:
     """The trained weights of `policy.lm` that its saved model folder would round (it is written in
-    the source checkpoint's dtype, e.g. bf16, while the run trains float32), else None.
-    `full_state_dict`: the gathered weights under FSDP2 (rank 0), None in one process."""
-    sd = full_state_dict if full_state_dict is not None else policy.lm.state_dict()
+    the source checkpoint's dtype, e.g. bf16, while the run trains float32), else None."""
     saved = save_dtype(policy)
-    kept = {k: v.detach().cpu().clone() for k, v in sd.items() if v.is_floating_point() and v.dtype != saved}
+    kept = {k: v.detach().cpu().clone() for k, v in policy.lm.state_dict().items()
+            if v.is_floating_point() and v.dtype != saved}
     return kept or None
+
+
+def write_sharded_state(folder: Path | None, policy, optimizer, dist) -> dict:
+    """Collective: every rank writes its shards of the optimizer state, the master weights (the
+    float weights the model folder's dtype would round) and its RNGs into `<folder>/dcp` (`folder`
+    is rank 0's; the others pass None). The files are then hashed, split over the ranks; returns
+    their manifest entries (relative to `folder`), complete on rank 0."""
+    folder = Path(dist.broadcast_object(str(folder) if folder is not None else None))
+    saved = save_dtype(policy)
+    D.save_sharded_state(folder / SHARDED_DIR, policy, optimizer, dist,
+                         keep_weight=lambda t: t.is_floating_point() and t.dtype != saved)
+    files = sorted(p for p in (folder / SHARDED_DIR).rglob("*") if p.is_file())
+    mine = {str(p.relative_to(folder)): manifest_entry(p) for p in files[dist.rank :: dist.world_size]}
+    return {k: v for part in dist.all_gather_object(mine) for k, v in part.items()}
+
+
+def save_run_checkpoint(run_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, coef_states, prompts, gen,
+                        dist, guard, rollout, wandb_id: str | None, config_yaml: str, keep_last: int) -> Path | None:
+    """Checkpoint step `step` (collective); returns the folder on rank 0. One process: today's
+    format (everything in trainer_state.pt). Under a process group: rank 0 writes the model folder
+    (gathered a tensor at a time, in the folder's dtype) and the small trainer_state.pt, and every
+    rank writes its shards of the rest (`write_sharded_state`)."""
+    state = capture_state(step, policy, optimizer, scheduler, coef_states, prompts, gen, dist, guard, rollout, wandb_id)
+    model_sd = D.full_model_state_dict(policy, dist, dtype=save_dtype(policy))  # collective; None in one process
+    shards = partial(write_sharded_state, policy=policy, optimizer=optimizer, dist=dist) if dist.enabled else None
+    path = None
+    if dist.is_main:
+        path = save_checkpoint(run_dir, step, partial(save_policy, policy, tokenizer, state_dict=model_sd), state,
+                               config_yaml, keep_last, write_shards=shards)
+    elif shards is not None:
+        shards(None)
+    dist.barrier()
+    return path
 
 
 def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, gen, device, dist=None, guard=None,
                 rollout=None) -> TrainState:
     """Restore model, optimiser, scheduler, RNGs, data position, OCC state, the numerical guard's
     counters and the rollout engine's state (what `capture_state` saved); returns the TrainState. Under
-    FSDP2 (`dist.enabled`) rank 0 reads the files and the state is broadcast and sharded. A
-    checkpoint of another model size is a CheckpointError naming the differences."""
+    FSDP2 (`dist.enabled`) rank 0 reads the model folder and it is broadcast and sharded. The
+    sharded trainer state of a checkpoint written under a process group (`<ckpt>/dcp`) is read by
+    every rank, resharded to this run's ranks or to one process; ranks the writing run did not have
+    take rank 0's RNG state. A checkpoint of another model size is a CheckpointError naming the
+    differences."""
     dist = dist or D.Dist()
     state = TrainState.load(ckpt)
     if dist.enabled:
@@ -112,14 +153,20 @@ def resume_from(ckpt: Path, policy, optimizer, scheduler, coef_states, prompts, 
         policy.load_state_dict(loaded.state_dict())
         if state.master_weights:
             policy.lm.load_state_dict(state.master_weights, strict=False)
-    try:
-        D.load_optimizer_state_dict(policy, optimizer, state.optimizer, dist)
+    rng = None
+    try:  # a sharded checkpoint (any number of writing ranks) loads into any number of ranks or one process
+        if state.sharded_state:
+            rng = D.load_sharded_state(ckpt / state.sharded_state, policy, optimizer, dist)
+        else:
+            D.load_optimizer_state_dict(policy, optimizer, state.optimizer, dist)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: its optimizer state does not fit this run's trainable parameters "
                               f"(written with another regime or model?): {e}") from None
     scheduler.load_state_dict(state.scheduler)
-    per_rank = state.rng_per_rank or []  # written by sharded runs; may hold fewer ranks than now
-    set_rng_state(per_rank[dist.rank] if dist.rank < len(per_rank) else state.rng)
+    per_rank = state.rng_per_rank or []  # written by sharded runs before `sharded_state`
+    if rng is None:
+        rng = per_rank[dist.rank] if dist.rank < len(per_rank) else state.rng
+    set_rng_state(rng)
     gen.set_state(state.generator)
     prompts.load_state_dict(state.prompts)
     for cs, s in zip(coef_states, state.coef_states):

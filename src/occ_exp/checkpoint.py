@@ -5,8 +5,12 @@
                              layers as model.mtp_layers.{i}.*), tokenizer files
         trainer_state.pt     `TrainState`: step, optimizer, scheduler, RNG states, data position,
                              OCC estimator and numerical-guard state, rollout engine state, W&B id
+        dcp/                 runs under a process group (FSDP2) only: the optimizer state, float32
+                             master weights (if the model folder rounds them) and every rank's RNGs,
+                             sharded per rank by torch.distributed.checkpoint (__<rank>_0.distcp,
+                             .metadata); trainer_state.pt then holds the rest (`sharded_state`: "dcp")
         config.yaml          the resolved run config
-        manifest.json        file sizes and sha256, written last
+        manifest.json        file sizes and sha256 (of the dcp/ shards too), written last
 
 A checkpoint is written under a temporary name (`.tmp_step_N_<pid>@<host>`), its files fsynced and
 hashed into the manifest, and then renamed: a kill in the middle of saving leaves the previous
@@ -66,6 +70,9 @@ class TrainState:
     # the trained weights (of policy.lm) when the model folder holds them rounded: a bf16 source
     # trained in float32 is saved in bf16 (what serving reads) and resumes from these
     master_weights: dict | None = None
+    # the subfolder holding the optimizer, master weights and per-rank RNGs as a sharded
+    # torch.distributed.checkpoint (runs under a process group); None: all of it is in this file
+    sharded_state: str | None = None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -106,13 +113,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(folder: Path) -> None:
-    """Hash every file (after fsyncing it) into manifest.json, written last."""
+def manifest_entry(path: Path) -> dict:
+    """One file's manifest entry (size and sha256), after fsyncing it."""
+    _fsync_file(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_manifest(folder: Path, known: dict | None = None) -> None:
+    """Hash every file (after fsyncing it) into manifest.json, written last. `known`: entries
+    already computed (relative path -> `manifest_entry`), e.g. by the ranks that wrote the shards."""
+    known = known or {}
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
-            _fsync_file(p)
-            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            rel = str(p.relative_to(folder))
+            files[rel] = known[rel] if rel in known else manifest_entry(p)
     atomic_write_text(folder / "manifest.json", json.dumps({"files": files}, indent=1))
 
 
@@ -262,9 +277,12 @@ def set_aside_newer(run_dir: Path, step: int, log=None) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None], state: TrainState,
-                    config_yaml: str, keep_last: int = 2) -> Path:
+                    config_yaml: str, keep_last: int = 2,
+                    write_shards: Callable[[Path], dict] | None = None) -> Path:
     """Checkpoint `step`: `write_model(folder)` writes the model folder (e.g. save_policy bound to
-    the policy, its tokenizer and, under FSDP2, the gathered full state dict). Call on one rank only."""
+    the policy, its tokenizer and, under FSDP2, the gathered full state dict). Call on one rank only.
+    `write_shards(checkpoint folder)`, called first, writes files of its own into the folder (the
+    sharded trainer state, with the other ranks) and returns their manifest entries."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -272,11 +290,12 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Callable[[Path], None
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    known = write_shards(tmp) if write_shards is not None else None
     write_model(tmp / "model")
     torch.save(state.to_dict(), tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     fault_point("during_save", step)
-    write_manifest(tmp)
+    write_manifest(tmp, known)
     old = None
     if final.exists():  # re-saving a step: move the old folder aside, never delete before the rename
         old = root / f".old_step_{step:06d}_{_owner()}"

@@ -25,17 +25,26 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every decoder layer, every M
 root (embeddings, final norm, LM head) over a 1-D device mesh. On GPUs parameters are kept in
 float32 (the optimiser's master copy) and all-gathered in bfloat16 for compute; gradients are
 reduce-scattered in float32 (`MixedPrecisionPolicy`). On the CPU (gloo) everything is float32.
+
+Checkpoints under FSDP2: the model folder is gathered onto rank 0 one tensor at a time in the
+folder's dtype (`full_model_state_dict`); the optimiser state, float32 master weights and every
+rank's RNGs stay sharded: each rank writes its own shards with torch.distributed.checkpoint
+(`save_sharded_state`), and `load_sharded_state` reshards them onto any number of ranks, or one
+process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
 from submitit.helpers import TorchDistributedEnvironment
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -96,6 +105,14 @@ class Dist:
         maxes = self.all_reduce(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=self.device), "max")
         return {k: float(maxes[i]) if k.endswith("_max") else float(means[i]) / self.world_size
                 for i, k in enumerate(keys)}
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (the identity without a process group)."""
+        if not (self.enabled and self.world_size > 1):
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_gather_object(self, obj) -> list:
         if not (self.enabled and self.world_size > 1):
@@ -321,15 +338,27 @@ def clip_grads(params, max_norm: float, total_norm: torch.Tensor) -> None:
 
 
 # -- state dicts ------------------------------------------------------------------------------------
-def full_model_state_dict(policy, dist: Dist) -> dict | None:
-    """The full (unsharded) state dict of `policy.lm`, on CPU, on rank 0 (None on other ranks).
-    A collective: every rank must call it. Without a process group: None (save as before)."""
+def full_model_state_dict(policy, dist: Dist, dtype: torch.dtype | None = None) -> dict | None:
+    """The full (unsharded) state dict of `policy.lm`, on CPU, on rank 0 (None on other ranks),
+    its floating tensors cast to `dtype` if given. A collective: every rank must call it. Without
+    a process group: None (save as before).
+
+    Gathered one tensor at a time: every rank briefly holds one full tensor (in the parameter
+    dtype, on its device), rank 0 keeps it on the CPU in `dtype`, so rank 0's host memory grows
+    by the model's size in `dtype` (2 bytes x parameters for a bf16 folder), never by its
+    float32 size nor by the optimiser's."""
     if not dist.enabled:
         return None
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.is_main:
-        return None
-    return {k.removeprefix("lm."): v for k, v in sd.items()}
+    out = {}
+    for k, v in get_model_state_dict(policy).items():
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        if dist.is_main:
+            full = full.detach()
+            if dtype is not None and full.is_floating_point():
+                full = full.to(dtype)
+            out[k.removeprefix("lm.")] = full.cpu()
+        del full
+    return out if dist.is_main else None
 
 
 def load_full_model_state_dict(policy, lm_state: dict | None, dist: Dist) -> None:
@@ -365,8 +394,41 @@ def load_optimizer_state_dict(policy, optimizer, state: dict | None, dist: Dist)
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.enabled))
 
 
-def rng_per_rank(dist: Dist) -> list[dict] | None:
-    """Every rank's RNG state (rank r samples its own share of the prompts); None in one process."""
-    if not (dist.enabled and dist.world_size > 1):
+# -- the sharded trainer state (torch.distributed.checkpoint) -------------------------------------------
+def save_sharded_state(folder: Path, policy, optimizer, dist: Dist, keep_weight=lambda t: False) -> None:
+    """Write the optimiser state, the weights `keep_weight(tensor)` selects (e.g. float32 master
+    weights of a model folder saved in bf16) and every rank's RNG state into `folder` with
+    `torch.distributed.checkpoint` (collective): each rank writes its own shards
+    (`__<rank>_0.distcp`; `.metadata` names them), nothing is gathered. Read back, into any
+    number of ranks or one process, by `load_sharded_state`."""
+    weights = {k: v for k, v in get_model_state_dict(policy).items() if keep_weight(v)}
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    buf.seek(0)
+    state = {"model": weights, "optim": get_optimizer_state_dict(policy, optimizer), "rng": {f"rank{dist.rank}": buf}}
+    dcp.save(state, checkpoint_id=folder, no_dist=not dist.enabled)
+    dist.barrier()
+
+
+def load_sharded_state(folder: Path, policy, optimizer, dist: Dist) -> dict | None:
+    """Inverse of `save_sharded_state`, resharded to this run's ranks (or one process): the kept
+    weights and the optimiser state are loaded in place; returns this rank's saved RNG state
+    (None for a rank the writing run did not have)."""
+    saved = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+    weights = {k: v for k, v in get_model_state_dict(policy).items() if f"model.{k}" in saved}
+    state = {"model": weights, "optim": get_optimizer_state_dict(policy, optimizer)}
+    mine = f"rank{dist.rank}"
+    if f"rng.{mine}" in saved:
+        state["rng"] = {mine: io.BytesIO()}
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.enabled)
+    except dcp.api.CheckpointException as e:  # a BaseException: make it an ordinary error
+        raise ValueError(str(e)) from None
+    if weights:
+        set_model_state_dict(policy, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+    if "rng" not in state:
         return None
-    return dist.all_gather_object(rng_state())
+    buf = state["rng"][mine]
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -25,7 +25,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,14 +35,13 @@ from occ_exp import builders
 from occ_exp import distributed as D
 from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.regimes import Regime, get_regime
-from occ_exp.checkpoint import resolve_resume, save_checkpoint, set_aside_newer
+from occ_exp.checkpoint import resolve_resume, set_aside_newer
 from occ_exp.data.benchmarks import load_benchmarks
 from occ_exp.data.prompts import PromptStream, format_prompts
 from occ_exp.evaluation import Evaluator, Scorers, eval_metrics, write_eval
 from occ_exp.faults import fault_point
 from occ_exp.learner import (NonFiniteGuard, build_optimizer, compute_advantages, learner_update, mean_dict,
                              rollout_metrics, set_logp_old, shaped_reward)
-from occ_exp.models.loading import save_policy
 from occ_exp.locks import run_lock
 from occ_exp.preemption import GracefulStop, StopRequested
 from occ_exp.reward.rewards import reward_kind
@@ -95,17 +93,12 @@ class Run:
             return self.evaluator.run(benchmarks)
 
     def checkpoint(self, step: int) -> Path | None:
-        """Save step `step` (collective; rank 0 writes); returns the folder on rank 0."""
-        model_sd = D.full_model_state_dict(self.policy, self.dist)  # collective; None without a process group
-        state = builders.capture_state(step, self.policy, self.optimizer, self.scheduler, self.coef_states, self.prompts,
-                                       self.gen, self.dist, self.guard, self.rollout, self.tracker.run_id, model_sd)
-        path = None
-        if self.dist.is_main:
-            write_model = partial(save_policy, self.policy, self.tokenizer, state_dict=model_sd)
-            path = save_checkpoint(self.run_dir, step, write_model, state, OmegaConf.to_yaml(self.cfg),
-                                   self.cfg.trainer.keep_last)
-        self.dist.barrier()
-        return path
+        """Save step `step` (collective: under a process group every rank writes its shards); returns
+        the folder on rank 0."""
+        return builders.save_run_checkpoint(self.run_dir, step, self.policy, self.tokenizer, self.optimizer,
+                                            self.scheduler, self.coef_states, self.prompts, self.gen, self.dist,
+                                            self.guard, self.rollout, self.tracker.run_id, OmegaConf.to_yaml(self.cfg),
+                                            self.cfg.trainer.keep_last)
 
     def close(self) -> None:
         self.tracker.close()
