@@ -168,6 +168,14 @@ def _log_axis(ax, lams) -> None:
     ax.grid(alpha=0.3)
 
 
+def _save(fig, title: str, path: str | Path) -> Path:
+    """Title, layout, write the PNG, free the figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
 def response_figure(measured: dict, predicted: dict, path: str | Path, title: str) -> Path:
     """Table 2 as curves against lambda (log axis), one line per regime: (a) the accuracy delta vs
     detach with its 95% paired-bootstrap interval, (b) the predicted per-step gain of the MTP term
@@ -213,11 +221,7 @@ def response_figure(measured: dict, predicted: dict, path: str | Path, title: st
         ax.set_xlabel("λ (fixed λ; λ_plus for occ)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, title, path)
 
 
 def proxy_figure(rows: list[dict], path: str | Path, title: str) -> Path:
@@ -247,11 +251,7 @@ def proxy_figure(rows: list[dict], path: str | Path, title: str) -> Path:
         ax.set_xlabel("mini-batch index (1 = on-policy)" if by == "mini-batch" else "phase of training")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, title, path)
 
 
 def figure4_analog(groups: dict[str, list[list[dict]]], path: str | Path, title: str, smooth: int = 5) -> Path:
@@ -281,11 +281,7 @@ def figure4_analog(groups: dict[str, list[list[dict]]], path: str | Path, title:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
