@@ -272,7 +272,8 @@ def run_case(case: str, toy: dict, cache_dir: Path, tmp_path: Path, monkeypatch)
     if cfg.diagnostics.exact_every:
         assert any(k.startswith("diag/") for k in final), sorted(final)
     if cfg.rollout.name == "vllm":
-        assert [rows[s]["rollout/weight_version"] for s in (1, 2)] == [1.0, 2.0]
+        v1, v2 = (rows[s]["rollout/weight_version"] for s in (1, 2))  # a fresh head's warm-up syncs once more
+        assert v1 >= 1 and v2 == v1 + 1  # a sync after every update
         if cfg.rollout.speculative:
             assert all(rows[s]["rollout/spec_draft_tokens"] > 0 for s in (1, 2))
 
