@@ -14,7 +14,8 @@ from occ_exp.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHARED_BENCHMARKS = ROOT.parent / "shared" / "data" / "benchmarks"
+# the six benchmarks beside the checkout; OCC_SHARED_BENCHMARKS names them from elsewhere (a worktree)
+SHARED_BENCHMARKS = Path(os.environ.get("OCC_SHARED_BENCHMARKS") or ROOT.parent / "shared" / "data" / "benchmarks")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -101,6 +101,48 @@ def test_single_process_has_no_process_group(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+# -- the engine's counters survive the gather ---------------------------------------------------------
+ENGINE_STATS = [  # what rollout=vllm with MTP drafting reports on each of two ranks in one step
+    {"rollout/weight_version": 3.0, "rollout/sync_s": 0.5, "rollout/spec_drafts": 10.0,
+     "rollout/spec_draft_tokens": 10.0, "rollout/spec_accepted_tokens": 8.0, "rollout/spec_acceptance": 0.8},
+    {"rollout/weight_version": 3.0, "rollout/sync_s": 0.25, "rollout/spec_drafts": 30.0,
+     "rollout/spec_draft_tokens": 30.0, "rollout/spec_accepted_tokens": 12.0, "rollout/spec_acceptance": 0.4},
+]
+MERGED_STATS = {"rollout/weight_version": 3.0, "rollout/sync_s": 0.375, "rollout/spec_drafts": 40.0,
+                "rollout/spec_draft_tokens": 40.0, "rollout/spec_accepted_tokens": 20.0, "rollout/spec_acceptance": 0.5}
+
+
+def _gather_stats_on_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        b = W.fixed_batch(32).select(torch.arange(4)).compact()
+        b.stats = dict(ENGINE_STATS[rank])
+        d = D.Dist(rank=rank, world_size=2, enabled=True)
+        g = d.gather_rollouts(b, prompts_per_rank=1)
+        torch.save({"stats": g.stats, "rows": g.input_ids.shape[0]}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gathered_rollouts_keep_the_engine_counters(tmp_path):
+    """Under torchrun every rank's engine counts its own drafts: the gathered batch reports them as
+    one process would (counts summed, acceptance = summed accepted / summed drafted, the weight
+    version and sync time averaged), on every rank; they used to vanish (empty stats)."""
+    torch.multiprocessing.spawn(_gather_stats_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        assert r["rows"] == 8
+        assert r["stats"] == pytest.approx(MERGED_STATS), r["stats"]
+
+
+def test_engine_counters_merge_as_one_process_would_count_them():
+    from occ_exp.rollout.base import RolloutBatch
+
+    assert RolloutBatch.merge_stats(ENGINE_STATS) == pytest.approx(MERGED_STATS)
+    assert RolloutBatch.merge_stats([{}, {}]) == {}  # rollout=hf reports nothing
+    assert RolloutBatch.merge_stats([ENGINE_STATS[0]]) == pytest.approx(ENGINE_STATS[0])
+
+
 # -- two ranks under torchrun -----------------------------------------------------------------------
 def _torchrun(args: list[str], timeout: int, nproc: int = 2, **extra_env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",

@@ -146,7 +146,8 @@ class Dist:
     def gather_rollouts(self, batch, prompts_per_rank: int):
         """Every rank's rollout batch, concatenated in rank order (rank r's prompts are the r-th
         share of the step's prompts, so the result is laid out as one process would lay it out).
-        Prompt widths are re-padded on the left and response widths on the right. `batch` is an
+        Prompt widths are re-padded on the left and response widths on the right; the engine's
+        `stats` are merged by the batch's own `merge_stats`. `batch` is an
         occ_exp.rollout.base.RolloutBatch (duck-typed: plumbing imports no noun)."""
         if not (self.enabled and self.world_size > 1):
             return batch
@@ -166,7 +167,8 @@ class Dist:
             tdist.all_gather(parts, send.contiguous())
             rows[name] = torch.cat(parts).to(v.device, v.dtype)
         texts = [t for part in self.all_gather_object(b.texts) for t in part]
-        return b._replace(texts=texts, **rows)
+        stats = b.merge_stats(self.all_gather_object(batch.stats))  # the engine's counters, all ranks'
+        return b._replace(texts=texts, stats=stats, **rows)
 
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():

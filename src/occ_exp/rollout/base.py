@@ -39,6 +39,28 @@ class RolloutBatch:
     _ROWS = ("input_ids", "attention_mask", "response_mask", "logp_sampler", "prompt_index", "truncated",
              "rewards", "advantages", "logp_old")
 
+    # the engine's counters in `stats` that add up over ranks (speculative drafts and acceptances);
+    # `rollout/spec_acceptance` is their ratio, any other stat (weight version, sync time) a mean
+    COUNTERS = ("rollout/spec_drafts", "rollout/spec_draft_tokens", "rollout/spec_accepted_tokens")
+
+    @staticmethod
+    def spec_acceptance(stats: dict) -> float:
+        """Accepted / drafted speculative tokens."""
+        return stats.get("rollout/spec_accepted_tokens", 0.0) / max(stats.get("rollout/spec_draft_tokens", 0.0), 1.0)
+
+    @classmethod
+    def merge_stats(cls, parts: list[dict]) -> dict:
+        """Every rank's engine stats as one process would report them: counters summed, the
+        acceptance recomputed from the sums, anything else averaged over the ranks that report it."""
+        keys = sorted({k for p in parts for k in p})
+        out = {}
+        for k in keys:
+            vals = [float(p[k]) for p in parts if k in p]
+            out[k] = sum(vals) if k in cls.COUNTERS else sum(vals) / len(vals)
+        if "rollout/spec_acceptance" in out:
+            out["rollout/spec_acceptance"] = cls.spec_acceptance(out)
+        return out
+
     @property
     def response_len(self) -> int:
         return self.response_mask.shape[1]

@@ -301,8 +301,7 @@ class VLLMRollout(Rollout):
         if self.speculative:
             d = {k: counters[k] - self._counters.get(k, 0.0) for k in counters}
             batch.stats.update(d)
-            drafted = d.get("rollout/spec_draft_tokens", 0.0)
-            batch.stats["rollout/spec_acceptance"] = d.get("rollout/spec_accepted_tokens", 0.0) / max(drafted, 1.0)
+            batch.stats["rollout/spec_acceptance"] = RolloutBatch.spec_acceptance(d)
         self._counters = counters
         if self.sleep:
             self.llm.sleep(level=self.cfg.sleep_level)
