@@ -32,7 +32,8 @@ def test_warmup_trains_only_the_fresh_layers(fresh_policy, source):
     policy, tok = m.policy, m.tokenizer
     assert m.fresh_mtp_layers == [0, 1]
     cfg = compose_cfg(["model.mtp_warmup_steps=8", "model.mtp_warmup_lr=3e-3", "model.mtp_warmup_batch_size=8",
-                       f"model.mtp_warmup_source={source}", "rollout.max_new_tokens=24"])
+                       f"model.mtp_warmup_source={source}", "rollout.max_new_tokens=24",
+                       "rollout.temperature=0.1", "algorithm.temperature=0.1"])  # a random model samples noise at T=1: nothing an MTP layer could learn in 8 steps
     before = {n: p.detach().clone() for n, p in policy.lm.named_parameters()}
     policy.mtp_layers[0].requires_grad_(False)  # as a regime that freezes heads would leave it
     rollout = HFRollout(cfg.rollout, policy, tok, "cpu")
