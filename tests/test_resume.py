@@ -91,8 +91,10 @@ def assert_same_state(a: Path, b: Path) -> None:
             return bool((x == y).all())
         return x == y
 
-    for key in sa:
-        assert same(sa[key], sb[key]), f"trainer state {key!r} differs"
+    for key in set(sa) | set(sb):
+        if key == "wandb_id":  # the run's W&B identity: two runs have two ids (checked above for the resumed one)
+            continue
+        assert same(sa.get(key), sb.get(key)), f"trainer state {key!r} differs"
 
 
 @pytest.fixture(scope="module")
