@@ -55,8 +55,9 @@ from occ_exp.runtime import JOBS_ENV, choose_threads  # noqa: E402
 DEFAULT_STEPS = 400
 PAPER_REGIMES = ["detach", "ce", "policy", "occ"]  # the paper's Table 1
 TABLE1_REGIMES = [*PAPER_REGIMES, "occ_exact", "occ_reference"]
-# Extra overrides of a regime's cells: occ_reference applies lambda to the advantages (the reference
-# code), which the exact-gradient diagnostics do not support (they need lambda on the loss).
+# Extra overrides of a regime's cells, applied after --override: occ_reference applies lambda to the
+# advantages (the reference code), which the exact-gradient diagnostics do not support (they need
+# lambda on the loss).
 REGIME_OVERRIDES = {"occ_reference": ["diagnostics.exact_every=0", "diagnostics.taylor_check=false"]}
 FIXED_LAMBDAS = [0.03, 0.1, 0.3, 1.0, 3.0]  # Table 2: policy and ce
 OCC_LAMBDA_PLUS = [0.1, 1.0, 10.0]  # Table 2: occ
@@ -112,7 +113,7 @@ class Sweep:
             o = ["regime=" + ",".join(regs), "seed=" + ",".join(str(s) for s in range(self.seeds))]
             if self.param:
                 o.append(f"{self.param}=" + ",".join(f"{v:g}" for v in self.values))
-            out.append(o + REGIME_OVERRIDES.get(regs[0], []) if len(regs) == 1 else o)
+            out.append(o)
         return out
 
     def cells(self) -> list[tuple[str, int]]:
@@ -163,8 +164,10 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
         for over in sw.overrides():
             t0 = time.time()
             try:
+                regime = over[0].removeprefix("regime=")  # one regime when it has REGIME_OVERRIDES
                 sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
-                    *OPTS.overrides, "hydra/launcher=parallel",
+                    *OPTS.overrides, *REGIME_OVERRIDES.get(regime, []),  # last: they win over --override
+                    "hydra/launcher=parallel",
                     f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
                     f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
                    env=env)

@@ -174,7 +174,7 @@ def test_diagnosed_training_run(smoke_overrides, tmp_path, overrides):
     steps = {r["step"]: r for r in rows if r["step"] > 0}
     every = 1 if "diagnostics.exact_every=1" in overrides else 2
     keys = ["diag/corr", "diag/penalty", "diag/cosine", "diag/g_rl_norm", "diag/lambda_star", "diag/lambda_proxy",
-            "mtp/loss_d1", "mtp/acceptance_d1", "mtp/top1_agree_d1", "mtp/grad_norm", "rollout/logp_diff_mean"]
+            "mtp/loss_d1", "mtp/acceptance_d1", "mtp/top1_agree_d1", "mtp/grad_norm"]
     if "diagnostics.taylor_check=true" in overrides:
         keys += ["diag/delta_mtp_realised", "diag/delta_mtp_predicted", "diag/delta_mtp_predicted2"]
     for s, r in steps.items():

@@ -58,6 +58,7 @@ def test_smollm2_two_rl_steps(rollout, cache_dir, tmp_path):
         "data.prompts_per_step=2", "algorithm.group_size=2", "algorithm.num_mini_batches=2", "rollout.max_new_tokens=12",
         "model.mtp_warmup_steps=1", "model.mtp_warmup_batch_size=2", "trainer.eval_before_train=false",
         "trainer.eval_every=0", "trainer.final_eval_problems=2",
+        "algorithm.recompute_logp_old=true",  # so rollout/logp_diff_mean measures sampler vs learner on a real model
     ])
     assert len(rows) == 2
     assert_finite(rows, ("reward/mean", "train/loss", "mtp/loss", "mtp/acceptance", "mtp/coef",
