@@ -189,3 +189,37 @@ def test_diagnosed_training_run(smoke_overrides, tmp_path, overrides):
     if "regime.estimator=exact" in overrides:  # the applied lambda is the oracle's on the diagnosed mini-batch
         r = steps[2]
         assert r["mtp/coef_last"] == pytest.approx(r["diag/lambda_star"], rel=1e-4, abs=1e-6)
+
+
+def test_every_mini_batch_of_a_diagnosed_step_is_diagnosed(tiny_policy):
+    """A diagnosed RL step with 2 mini-batches logs diag/<name>_mb<i> for both (the proxy study's
+    per-mini-batch view), the unsuffixed diag/* are the last one's, the Taylor check runs once, the
+    applied lambda of estimator=exact equals lambda* of the same mini-batch, and
+    train/trunk_update_norm is the norm of the trunk's actual change."""
+    import copy
+
+    from occ_exp.learner import build_optimizer, learner_update
+    from tests.test_fidelity import _learner_setup
+
+    policy, tok = copy.deepcopy(tiny_policy)
+    cfg, batch = _learner_setup(policy, tok, ["regime=occ", "regime.estimator=exact", "algorithm.num_mini_batches=2",
+                                              "diagnostics.taylor_check=true", "optimizer.lr=1e-3"])
+    regime = get_regime("occ")
+    opt, sched = build_optimizer(cfg.optimizer, policy, regime)
+    before = [p.detach().clone() for p in policy.trunk_parameters()]
+    m = learner_update(policy, opt, sched, regime, batch, cfg, [CoefficientState() for _ in range(2)],
+                       torch.Generator().manual_seed(0), step=1, diagnose=True)
+    names = ("lambda_star", "lambda_proxy", "lambda_reference_code", "lambda_paper_in_clip", "corr", "penalty",
+             "lambda_applied", "cosine")
+    for i in (0, 1):
+        for n in names:
+            assert math.isfinite(m[f"diag/{n}_mb{i}"]), (n, i)
+        assert m[f"diag/lambda_applied_mb{i}"] == pytest.approx(m[f"diag/lambda_star_mb{i}"], rel=1e-5)
+    assert m["diag/lambda_star_mb0"] != m["diag/lambda_star_mb1"]
+    for n in names:
+        assert m[f"diag/{n}"] == m[f"diag/{n}_mb1"]
+    assert "diag/delta_mtp_realised_mb1" in m and "diag/delta_mtp_realised_mb0" not in m
+    assert not any(k.endswith("_mb2") or ("_d1_mb" in k) for k in m)
+    moved = math.sqrt(sum(float((p.detach().double() - b.double()).pow(2).sum())
+                          for p, b in zip(policy.trunk_parameters(), before)))
+    assert moved > 0 and m["train/trunk_update_norm"] == pytest.approx(moved, rel=1e-6)

@@ -174,9 +174,11 @@ def _weighted_sum(parts: list[tuple[float, Grads]], n: int) -> Grads:
     return total
 
 
-def exact_diagnostics(probe: GradientProbe, term, ctx, diag_cfg, objective=None, lr: float = 0.0) -> dict[str, float]:
+def exact_diagnostics(probe: GradientProbe, term, ctx, diag_cfg, objective=None, lr: float = 0.0,
+                      taylor: bool = True) -> dict[str, float]:
     """diag/* metrics of one mini-batch (see the module docstring). `objective()` recomputes the
-    mini-batch's RL loss at the current weights (needed only for the Taylor check)."""
+    mini-batch's RL loss at the current weights (needed only for the Taylor check, which runs when
+    diagnostics.taylor_check and `taylor`)."""
     t0 = time.perf_counter()
     r = ctx.regime_cfg
     metrics: dict[str, float] = {}
@@ -198,9 +200,9 @@ def exact_diagnostics(probe: GradientProbe, term, ctx, diag_cfg, objective=None,
     for name, fn in ESTIMATORS.items():  # the other cheap variants on the same mini-batch, for comparison
         if name not in ("paper", "exact"):
             lam = fn(ctx.out.logp_main, ctx.out.logp_mtp[0], ctx.logp_old, ctx.mask, r.lambda_plus, r.eps,
-                     clip_low=a.clip_low, clip_high=a.clip_high)
+                     clip_low=a.clip_low, clip_high=a.clip_high, pad_to=ctx.pad_to)
             metrics[f"diag/lambda_{name}"] = float(lam)
-    if diag_cfg.taylor_check:
+    if diag_cfg.taylor_check and taylor:
         eta = diag_cfg.taylor_eta if diag_cfg.taylor_eta is not None else lr
         metrics.update(taylor_check(objective, probe.shared, probe.rl(), probe.mtp_direction(term), eta))
     metrics["diag/time_s"] = time.perf_counter() - t0

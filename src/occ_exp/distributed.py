@@ -312,20 +312,23 @@ def full_params(policy, dist: Dist):
 
 
 # -- gradients --------------------------------------------------------------------------------------
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def global_norm(tensors, dist: Dist) -> torch.Tensor:
+    """The global L2 norm of `tensors` (an iterable; FSDP2 DTensor shards are disjoint: sum the
+    local squares, all-reduce), float32."""
+    sq = torch.zeros((), dtype=torch.float64, device=dist.device)
+    sharded = False
+    for t in tensors:
+        if hasattr(t, "to_local"):
+            t, sharded = t.to_local(), True
+        sq += t.detach().double().pow(2).sum().to(dist.device)
+    if dist.enabled and sharded:
+        dist.all_reduce(sq)
+    return sq.sqrt().float()
 
 
 def grad_norm(params, dist: Dist) -> torch.Tensor:
-    """The global L2 norm of the gradients (FSDP2 shards are disjoint: sum local squares, reduce)."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    dev = dist.device
-    sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for g in grads:
-        sq += g.detach().double().pow(2).sum().to(dev)
-    if dist.enabled and any(hasattr(p.grad, "to_local") for p in params if p.grad is not None):
-        dist.all_reduce(sq)
-    return sq.sqrt().float()
+    """The global L2 norm of the gradients."""
+    return global_norm((p.grad for p in params if p.grad is not None), dist)
 
 
 def clip_grads(params, max_norm: float, total_norm: torch.Tensor) -> None:

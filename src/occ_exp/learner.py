@@ -40,6 +40,7 @@ Why the result is the same:
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ from occ_exp.algo.coefficient import PER_MICRO_BATCH
 from occ_exp.algo.policy_loss import POLICY_LOSSES, loss_options
 from occ_exp.algo.regimes import MTPContext, MTPTerm, Regime, mtp_term
 from occ_exp.diagnostics import GradientProbe, exact_diagnostics, mtp_health
-from occ_exp.distributed import Dist, clip_grads, grad_norm
+from occ_exp.distributed import Dist, clip_grads, global_norm, grad_norm
 from occ_exp.models.policy import PolicyOutput
 from occ_exp.reward.rewards import scale_reward
 from occ_exp.rollout.base import RolloutBatch
@@ -357,25 +358,39 @@ def learner_update(policy, optimizer, scheduler, regime, batch: RolloutBatch, cf
     tokens whose gradients accumulate (the module docstring explains why the result is the same).
     Updates with a non-finite loss, gradient norm or lambda are skipped (see NonFiniteGuard); the
     values it checks are global (reduced over ranks), so every rank skips the same updates.
-    `diagnose`: exact diagnostics on the last mini-batch (see occ_exp.diagnostics)."""
+    `diagnose`: exact diagnostics on every mini-batch of the last epoch (see occ_exp.diagnostics):
+    `diag/<name>_mb<i>` for mini-batch i, the unsuffixed diag/* (and the Taylor check) for the last
+    one, and `train/trunk_update_norm` (||theta_after - theta_before|| on the trunk over the phase)."""
     a = cfg.algorithm
     u = Update(policy, optimizer, scheduler, regime, cfg, coef_states, dist or Dist(),
                guard or NonFiniteGuard(cfg.trainer.max_consecutive_skips), step)
     rows = []
     policy.train()
+    trunk_before = [p.detach().clone() for p in u.trunk_params] if diagnose else None
     for epoch in range(a.ppo_epochs):
         mbs = minibatch_indices(batch.input_ids.shape[0] // a.group_size, a.group_size, a.num_mini_batches, gen)
         for i, idx in enumerate(mbs):
-            last = epoch == a.ppo_epochs - 1 and i == len(mbs) - 1
-            rows.append(optimizer_step(u, batch, idx, diagnose=diagnose and last))
+            last_epoch = epoch == a.ppo_epochs - 1
+            rows.append(optimizer_step(u, batch, idx, diagnose=diagnose and last_epoch, mb_index=i,
+                                       last=last_epoch and i == len(mbs) - 1))
     if any(not r["train/skipped_steps"] for r in rows):  # the learning rate follows RL steps (verl's schedule)
         u.scheduler.step()
-    return summarize_updates(rows, u.guard)
+    metrics = summarize_updates(rows, u.guard)
+    if trunk_before is not None:
+        metrics["train/trunk_update_norm"] = float(update_norm(u.trunk_params, trunk_before, u.dist))
+    return metrics
 
 
-def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: bool = False) -> dict:
+def update_norm(params, before: list[torch.Tensor], dist: Dist) -> torch.Tensor:
+    """||params - before||, global over ranks."""
+    return global_norm((p.detach() - b for p, b in zip(params, before)), dist)
+
+
+def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: bool = False, mb_index: int = 0,
+                   last: bool = True) -> dict:
     """One optimiser step on the mini-batch `idx` of `batch` (this rank's slice of it, in
-    micro-batches); returns its metrics row."""
+    micro-batches); returns its metrics row. `diagnose`: its exact diagnostics, as
+    `diag/<name>_mb<mb_index>`, and unsuffixed too (with the Taylor check) when it is the `last`."""
     mb = batch.select(u.dist.share_of(idx))
     micro = split_micro_batches(mb, u.cfg.algorithm.max_tokens_per_micro_batch, u.dist, u.cfg.trainer.micro_batch_size)
     split = len(micro) > 1 or u.dist.world_size > 1
@@ -390,7 +405,8 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
                        detach_trunk=u.regime.detach_trunk, detach_head=u.regime.detach_head)
         if split and u.whole_coef and coefs is None:  # one micro-batch per rank: its own forward
             coefs = estimate_coefs(u.regime, [rows], [out], [m], advantages, u.cfg, u.coef_states, u.dist)
-        term, metrics, diag = micro_batch_backward(u, m, out, denom, coefs, diagnose=diagnose and not split)
+        term, metrics, diag = micro_batch_backward(u, m, out, denom, coefs, diagnose=diagnose and not split,
+                                                   taylor=last)
         if split and u.regime.estimates_coef and not u.whole_coef:  # one lambda per micro-batch: their mean
             metrics.update({f"mtp/coef_d{k + 1}": c for k, c in enumerate(term.coefs)})
         acc.add(metrics, weight=float(m.response_mask.sum()))
@@ -404,8 +420,17 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
         "train/lr": u.scheduler.get_last_lr()[0],
         "mtp/coef": coefs[0] if coefs else 0.0,
         **{f"mtp/coef_d{k + 1}": c for k, c in enumerate(coefs)},
-        **diag,
+        **per_mini_batch(diag, mb_index, last),
     }
+
+
+def per_mini_batch(diag: dict, mb_index: int, last: bool) -> dict:
+    """A diagnosed mini-batch's diag/* under `diag/<name>_mb<i>` (depth 1's and the step-level
+    values; not the per-depth _d<k> copies), and unsuffixed as well for the step's last mini-batch."""
+    if not diag:
+        return {}
+    out = {f"{k}_mb{mb_index}": v for k, v in diag.items() if not re.search(r"_d\d+$", k)}
+    return {**out, **diag} if last else out
 
 
 def lambda_before_backward(u: Update, micro: list[tuple[torch.Tensor, RolloutBatch]],
@@ -420,7 +445,8 @@ def lambda_before_backward(u: Update, micro: list[tuple[torch.Tensor, RolloutBat
                           u.coef_states, u.dist)
 
 
-def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, coefs, diagnose: bool = False):
+def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, coefs, diagnose: bool = False,
+                         taylor: bool = True):
     """RL loss + the regime's MTP term on one micro-batch, and its backward; returns the term,
     the micro-batch's metrics and (when `diagnose`) the exact diagnostics."""
     rl_loss, pm = u.rl_objective(out, m, denom)
@@ -431,7 +457,7 @@ def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, c
                      pad_to=u.cfg.rollout.max_new_tokens)
     term = mtp_term(u.regime, ctx)
     loss = rl_loss + term.loss
-    diag = run_exact_diagnostics(u, m, denom, probe, term, ctx) if diagnose else {}
+    diag = run_exact_diagnostics(u, m, denom, probe, term, ctx, taylor) if diagnose else {}
     backward(loss, term, probe)
     metrics = {"train/loss": loss.item(), "train/rl_loss": rl_loss.item(), "mtp/term": term.loss.item(),
                **{f"train/{k}": v for k, v in pm.items()}, **mtp_health(out, m.logp_old, m.response_mask)}
@@ -439,13 +465,14 @@ def micro_batch_backward(u: Update, m: RolloutBatch, out, denom: Denominators, c
 
 
 def run_exact_diagnostics(u: Update, m: RolloutBatch, denom: Denominators, probe: GradientProbe, term: MTPTerm,
-                          ctx: MTPContext) -> dict:
+                          ctx: MTPContext, taylor: bool = True) -> dict:
     """diag/* metrics of the mini-batch (one micro-batch in one process; see occ_exp.diagnostics)."""
 
     def objective():  # the RL loss at the current weights (the Taylor check)
         return u.rl_objective(u.policy(m.input_ids, m.attention_mask, m.response_len, with_mtp=False), m, denom)[0]
 
-    return exact_diagnostics(probe, term, ctx, u.cfg.diagnostics, objective, lr=u.scheduler.get_last_lr()[0])
+    return exact_diagnostics(probe, term, ctx, u.cfg.diagnostics, objective, lr=u.scheduler.get_last_lr()[0],
+                             taylor=taylor)
 
 
 def backward(loss: torch.Tensor, term: MTPTerm, probe: GradientProbe) -> None:
