@@ -15,8 +15,9 @@ table1_tiny's settings with exact c / v2 and the Taylor check on every 10th step
 through the joblib launcher from ONE shared warm start; --jobs is passed down (OCC_EXP_PARALLEL_JOBS)
 so that each run's default threads are its share of the available cores (occ_exp.runtime). Runs of the same seed see the same prompts at every step
 (paired), and every run ends with an evaluation (avg@4, sampled) on 1,000 held-out problems
-(`<run>/eval.json`). Runs live under outputs/reproduce/<table>[_suffix]/ (resumable: re-running the
-command continues unfinished runs from their checkpoints and skips finished ones); Table 2 reuses
+(`<run>/eval.json`). Runs live under results/runs/<table>[_suffix]/, committed without their
+checkpoints (.gitignore), so finished runs outlive the session that ran them (resumable: re-running
+the command skips finished runs and continues unfinished ones from their checkpoints); Table 2 reuses
 Table 1's runs for the cells they share (detach, policy and ce at 0.1, occ at lambda_plus 1). The
 results go to results/ (`table1_tiny.{md,csv,json}`, `table2_tiny.{md,csv,json,png}`,
 `proxy_tiny.{md,json,png}`, `figure4_tiny.png`, `FINDINGS.md`) with the command, commit, wall time
@@ -65,7 +66,7 @@ TABLE1_FIXED, TABLE1_LAMBDA_PLUS = 0.1, 1.0  # what Table 1's runs use (experime
 THEORY_GRID = np.geomspace(0.01, 30, 61)  # lambda grid of the predicted gain curves
 PAPER_ROW = "MiMo-7B-RL + DAPO"
 RESULTS = ROOT / "results"
-RUNS = ROOT / "outputs" / "reproduce"
+RUNS = ROOT / "results" / "runs"  # committed, less checkpoints/ (.gitignore)
 OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False)
 
 
@@ -100,31 +101,41 @@ class Sweep:
     param: str | None = None  # e.g. regime.coef
     values: list[float] = field(default_factory=list)
 
-    def overrides(self) -> list[list[str]]:
+    def overrides(self, done: set[tuple[str, int]] = frozenset()) -> list[list[str]]:
         """One override list per multirun (regimes with extra overrides run on their own). A regime
-        without its conf/regime file here is left out (its cells show as missing)."""
+        without its conf/regime file here is left out (its cells show as missing). `done`: the
+        (label, seed) cells with a finished run here; once any is, each (regime, value) left runs
+        as its own multirun over the seeds it still lacks (finished runs need no checkpoint)."""
         out = []
         regimes = [r for r in self.regimes if (ROOT / "conf" / "regime" / f"{r}.yaml").exists()]
         for r in sorted(set(self.regimes) - set(regimes)):
             print(f"note: conf/regime/{r}.yaml is not in this checkout; its cells are skipped", flush=True)
+        seeds = range(self.seeds)
+        if done:
+            for reg in regimes:
+                for v in self.values or [None]:
+                    todo = [s for s in seeds if (self.label(reg, v), s) not in done]
+                    if todo:
+                        o = [f"regime={reg}", "seed=" + ",".join(map(str, todo))]
+                        out.append(o + ([f"{self.param}={v:g}"] if self.param else []))
+            return out
         plain = [r for r in regimes if r not in REGIME_OVERRIDES]
         groups = ([plain] if plain else []) + [[r] for r in regimes if r in REGIME_OVERRIDES]
         for regs in groups:
-            o = ["regime=" + ",".join(regs), "seed=" + ",".join(str(s) for s in range(self.seeds))]
+            o = ["regime=" + ",".join(regs), "seed=" + ",".join(str(s) for s in seeds)]
             if self.param:
                 o.append(f"{self.param}=" + ",".join(f"{v:g}" for v in self.values))
             out.append(o)
         return out
 
+    @staticmethod
+    def label(reg: str, v: float | None) -> str:
+        """A cell's label as occ_exp.report.cell_label names its runs."""
+        lam = v if v is not None else (TABLE1_LAMBDA_PLUS if reg.startswith("occ") else TABLE1_FIXED)
+        return reg if reg == "detach" else f"{reg} λ={lam:g}"
+
     def cells(self) -> list[tuple[str, int]]:
-        vals = self.values or [None]
-        out = []
-        for reg in self.regimes:
-            for v in vals:
-                lam = v if v is not None else (TABLE1_LAMBDA_PLUS if reg.startswith("occ") else TABLE1_FIXED)
-                label = reg if reg == "detach" else f"{reg} λ={lam:g}"
-                out += [(label, s) for s in range(self.seeds)]
-        return out
+        return [(self.label(reg, v), s) for reg in self.regimes for v in self.values or [None] for s in range(self.seeds)]
 
 
 def table1_sweep(args) -> Sweep:
@@ -161,7 +172,8 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     steps = [f"trainer.total_steps={args.steps}"]
     for sw in sweeps:
         out = RUNS / sw.folder
-        for over in sw.overrides():
+        done = {(cell_label(r), r.seed) for r in collect_runs(out) if r.finished} if out.exists() else set()
+        for over in sw.overrides(done):
             t0 = time.time()
             try:
                 regime = over[0].removeprefix("regime=")  # one regime when it has REGIME_OVERRIDES
@@ -435,7 +447,7 @@ def plan(sweeps: list[Sweep], args) -> None:
         elif args.sec_per_step:
             sps, src = args.sec_per_step, "--sec-per-step"
         else:
-            raise SystemExit("no metrics under outputs/reproduce/ to measure seconds per step: pass --sec-per-step S "
+            raise SystemExit(f"no metrics under {RUNS} to measure seconds per step: pass --sec-per-step S "
                              "(e.g. from a short run: python scripts/reproduce.py table1 --steps 5 --seeds 1)")
         cost = sum(lefts) * sps
         total += cost
@@ -494,7 +506,7 @@ def main(argv=None) -> int:
                     help="a Hydra override for every run (repeatable; not part of the run folders' names: "
                          "use --out-suffix for a sweep with other settings)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
-    ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default outputs/reproduce/)")
+    ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default results/runs/)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
     ap.add_argument("--launch", action="store_true", help="real scale: submit the runs (default: print the plan)")
     args = ap.parse_args(argv)

@@ -142,6 +142,7 @@ def test_weights_updated_in_place_are_seen(tiny_policy):
     assert not torch.equal(a.input_ids, b.input_ids) and torch.equal(b.input_ids, ref.input_ids)
 
 
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(tiny_policy):
     policy, tok = tiny_policy
@@ -155,6 +156,7 @@ def test_compiled_decode_equals_eager(tiny_policy):
     assert gap.max() < 1e-5
 
 
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 @pytest.mark.slow
 def test_compiled_learner_equals_eager(tiny_policy):
     """model.compile: the same parameters after two occ updates (2 mini-batches) as the eager learner."""

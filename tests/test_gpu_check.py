@@ -156,6 +156,7 @@ def _toy_check(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, str,
     return p, report, statuses
 
 
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_toy_check_runs_every_part_and_reports_each(tmp_path):

@@ -12,6 +12,7 @@ from occ_exp.trainer import train
 from tests.conftest import compose_cfg
 
 
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 @pytest.mark.slow
 def test_short_rl_run_raises_held_out_accuracy(cache_dir, tmp_path):
     cfg = compose_cfg([

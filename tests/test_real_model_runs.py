@@ -49,6 +49,7 @@ def test_tiny_rl_with_vllm_rollouts_and_mtp_drafter(smoke_overrides, tmp_path):
     assert all(r["rollout/spec_draft_tokens"] > 0 for r in rows)
 
 
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 @needs_smollm2
 @pytest.mark.slow
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])

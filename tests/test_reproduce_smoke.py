@@ -30,7 +30,8 @@ def test_reproduce_table1_smallest_size_end_to_end_and_resume(tmp_path):
     t1 = json.loads((tmp_path / "results" / "table1_tiny_smoke.json").read_text())
     assert {"detach", "ce", "policy", "occ", "occ_exact"} <= {r["label"] for r in t1["rows"]}
     assert len(evals) == len(t1["rows"])
-    rows = [json.loads(x) for x in (evals[0].parent / "metrics.jsonl").read_text().splitlines()]
+    diagnosed = next(e for e in evals if "regime=occ_reference" not in str(e))  # occ_reference runs undiagnosed
+    rows = [json.loads(x) for x in (diagnosed.parent / "metrics.jsonl").read_text().splitlines()]
     assert "diag/delta_mtp_predicted2" in rows[-1] and "diag/lambda_star" in rows[-1]  # theory_tiny's diagnostics
     # resuming: the second invocation trains nothing (every run is finished)
     before = {e: e.stat().st_mtime for e in evals}
