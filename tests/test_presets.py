@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -234,7 +235,8 @@ NOT_REPEATABLE = ("time/", "rollout/sync_s", "mem/", "rollout/weight_version")
 
 def same_metrics(a: dict, b: dict) -> list[str]:
     """Keys whose values differ (wall-clock and memory readings aside)."""
-    keys = [k for k in a if not k.startswith(NOT_REPEATABLE) and not k.endswith("_s") and isinstance(a[k], (int, float))]
+    keys = [k for k in a if not k.startswith(NOT_REPEATABLE) and not re.sub(r"_mb\d+$", "", k).endswith("_s")
+            and isinstance(a[k], (int, float))]
     assert set(keys) <= set(b), set(keys) - set(b)
     return [k for k in keys if not (a[k] == b[k] or (isinstance(a[k], float) and math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-7)))]
 
