@@ -23,7 +23,7 @@ TEST_WORKERS ?= 2
 test: ## the test suite CI runs (CPU; TEST_WORKERS=2 pytest-xdist workers share one warm-start cache; not the `heavy` tests)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal -m "not heavy"
 
-test-all: ## every test, the `heavy` ones too (learning, compile equivalence, SmolLM2 RL, toy GPU check; ~+25 min on 2 cores)
+test-all: ## every test, the `heavy` ones too (learning, compile equivalence, SmolLM2 RL, toy GPU check, two resume chains; ~+30 min on 2 cores)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md

@@ -168,6 +168,7 @@ def test_fault_chain_equals_straight_run(straight, cache_dir, tmp_path):
            steps=N, identical_metrics=True, identical_weights_and_optimizer=True, leftover_processes=0)
 
 
+@pytest.mark.heavy  # make test-all / make reliability only (CI budget; the fault chain above covers kills and resumes in CI)
 def test_dynamic_sampling_resume_equals_straight_run(cache_dir, tmp_path):
     """With DAPO's dynamic sampling (generation batches of 6 prompts filtered to 4 groups a step), a
     run killed after step 3 and resumed from its step-2 checkpoint logs every metric and ends in the
@@ -190,6 +191,7 @@ def test_dynamic_sampling_resume_equals_straight_run(cache_dir, tmp_path):
     assert_same_state(latest_complete(run), latest_complete(straight))
 
 
+@pytest.mark.heavy  # make test-all / make reliability only (CI budget; the fault chain above covers kills and resumes in CI)
 def test_preemption_of_the_process_group_with_wandb(straight, cache_dir, tmp_path):
     """SIGTERM to every process of the run (as Slurm does) in step 2 (an evaluation step, so the
     verifier is needed after the signal): the step finishes, is saved,
