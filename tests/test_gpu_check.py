@@ -137,11 +137,6 @@ def test_carried_wheels_are_complete_and_install_and_import(tmp_path):
     assert len(out) == 5 and all(f.startswith(str(site)) for f in out)  # from the carried wheels, not this venv
 
 
-# Issue 12's first-update crash (gradient checkpointing + shared prompts), which (a)-(c) exercise on
-# purpose; another branch fixes it. Once that fix is merged, (a)-(c) must be ok: drop this allowance.
-KNOWN_CRASH = "'NoneType' object is not subscriptable"
-
-
 def _toy_check(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, str, dict]:
     results = tmp_path / "results"
     env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_RESULTS": str(results), "GPU_CHECK_DIR": str(tmp_path / "w"),
@@ -166,14 +161,10 @@ def test_toy_check_runs_every_part_and_reports_each(tmp_path):
     assert all(s in ("ok", "failed", "timed out") for s in statuses.values()), statuses
     summary = json.loads((tmp_path / "results" / "gpu_check" / "summary.json").read_text())["parts"]
     for name in gpu_check.PARTS:
-        if name in ("a", "b", "c") and statuses[name] == "failed" and KNOWN_CRASH in summary[name]["error"]:
-            continue
         assert statuses[name] == "ok", f"part {name}: {statuses[name]}\n{report}\n{p.stdout[-3000:]}"
     assert (p.returncode == 0) == all(s == "ok" for s in statuses.values())
-    if statuses["c"] == "ok":
-        assert summary["c"]["numbers"]["resume"]["tensors_equal"] is True
-    if statuses["a"] == "ok":
-        assert summary["a"]["numbers"]["mfu_measured"] > 0
+    assert summary["c"]["numbers"]["resume"]["tensors_equal"] is True
+    assert summary["a"]["numbers"]["mfu_measured"] > 0
     assert len(summary["d"]["numbers"]["accuracy"]) == len(gpu_check.REGIMES)  # one finished run per regime
     assert (tmp_path / "results" / "gpu_check" / "table1_tiny_gpu.md").exists()
     assert "vLLM on CUDA" in report and "NCCL across GPUs" in report

@@ -54,3 +54,28 @@ def test_reference_source_needs_a_task_with_solutions(fresh_policy):
 
     with pytest.raises(ValueError, match="no reference"):
         mtp_warmup(fresh_policy.policy, fresh_policy.tokenizer, NoSolutions(), cfg.model, [0], "cpu")
+
+
+def test_rollout_warmup_prompts_are_formatted_as_in_training(fresh_policy):
+    """A fresh head warmed up on the policy's own samples sees the prompts RL will use: wrapped in
+    the tokenizer's chat template when it has one (model.chat_template), raw text otherwise."""
+    m = fresh_policy
+    tok = m.tokenizer
+    tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
+    seen = []
+
+    class Recorder(HFRollout):
+        def generate(self, prompts, n, **kw):
+            seen.append(list(prompts))
+            return super().generate(prompts, n, **kw)
+
+    for chat in (True, False):
+        cfg = compose_cfg(["model.mtp_warmup_steps=1", "model.mtp_warmup_batch_size=2", "model.mtp_warmup_source=rollouts",
+                           "rollout.max_new_tokens=4", f"model.chat_template={str(chat).lower()}"])
+        seen.clear()
+        mtp_warmup(m.policy, tok, CountdownTask(), cfg.model, [1], "cpu", rollout=Recorder(cfg.rollout, m.policy, tok, "cpu"),
+                   log=lambda _: None)
+        texts = [t for batch in seen for t in batch]  # the warm-up's batch and its health check's
+        assert len(texts) >= 2
+        wrapped = [t.startswith("<user>") and t.endswith("<assistant>") for t in texts]
+        assert (all(wrapped) if chat else not any(wrapped)), texts

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from occ_exp.checkpoint import atomic_write_text
 from occ_exp.config import RolloutConfig
+from occ_exp.data.prompts import format_prompts
 from occ_exp.diagnostics import mtp_health
 from occ_exp.models.loading import file_lock, load_policy_folder, save_policy
 from occ_exp.rollout.hf import HFRollout
@@ -181,7 +182,7 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
 
 # -- MTP warm-up of fresh heads on real checkpoints ------------------------------------------------
 def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, rollout=None, seed: int = 0,
-               log=print, prompt_text=None) -> dict:
+               log=print) -> dict:
     """Train the fresh MTP layers `layers` alone before RL: detached MTP cross-entropy (regime
     detach's loss: no gradient reaches the trunk or the LM head, and only these layers step), for
     `model_cfg.mtp_warmup_steps` steps of `mtp_warmup_batch_size` sequences.
@@ -189,9 +190,9 @@ def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, ro
     Data (`model_cfg.mtp_warmup_source`): `reference` trains on the task's reference solutions
     (`task.solution`), `rollouts` on the policy's own samples from `rollout` at the rollout
     temperature; `auto` takes the reference solutions when the task has them. Training prompts are
-    `task.sample(rng, "train")`, which the procedural task and a data file (data.path) both answer;
-    `prompt_text` (problems -> the texts the rollout engine sees, e.g. the trainer's chat-template
-    formatting) defaults to the raw problem text."""
+    `task.sample(rng, "train")`, which the procedural task and a data file (data.path) both answer,
+    formatted as RL formats them (`format_prompts`: the tokenizer's chat template where
+    `model_cfg.chat_template` and the tokenizer has one)."""
     source = model_cfg.mtp_warmup_source
     if source == "auto":
         source = "reference" if hasattr(task, "solution") else "rollouts"
@@ -213,8 +214,7 @@ def mtp_warmup(policy, tokenizer, task, model_cfg, layers: list[int], device, ro
             ids, attn, R = demo_batch(task, tokenizer, rng, n, 0.0, device)
             return ids, attn, R, attn[:, -R:].bool()
         problems = [task.sample(rng, "train") for _ in range(n)]
-        texts = prompt_text(problems) if prompt_text is not None else [p.prompt for p in problems]
-        b = rollout.generate(texts, 1).compact().to(device)
+        b = rollout.generate(format_prompts(problems, tokenizer, model_cfg.chat_template), 1).compact().to(device)
         return b.input_ids, b.attention_mask, b.response_len, b.response_mask
 
     t0, history = time.time(), []
