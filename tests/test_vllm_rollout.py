@@ -194,3 +194,51 @@ def test_one_engine_per_rank_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.count("rank ok") == 2, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_saved_mimo_folder_is_served_with_its_drafter_whose_drafts_are_our_layers(tmp_path, monkeypatch):
+    """Issue 12: a MiMo-format checkpoint (tests/fixtures/checkpoints.py: model_type mimo,
+    MiMoForCausalLM, MiMo's MTP tensor names, bf16), loaded, its MTP layer set to agree often with
+    the main head, saved by `save_policy` in its own format and served by vLLM from that folder as it
+    is (speculative method mtp, greedy): vLLM's draft and accepted counters equal what our layer,
+    loaded back from the same folder, predicts on the same tokens."""
+    from vllm import LLM, SamplingParams
+
+    from occ_exp.models.loading import load_pretrained
+    from tests.fixtures.checkpoints import make_mimo_checkpoint
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    m = load_pretrained(make_mimo_checkpoint(tmp_path / "src"), log=lambda _: None)
+    with torch.no_grad():
+        init_mtp_from_trunk(m.policy.mtp_layers[0], m.policy.lm.model.layers[-1], m.policy.lm.model.norm)
+    save_policy(m.policy, m.tokenizer, tmp_path / "saved")
+    served = load_pretrained(tmp_path / "saved", log=lambda _: None)  # the bf16 weights vLLM reads, in float32
+    policy, tok = served.policy, served.tokenizer
+    assert served.source == "mimo" and served.loaded_mtp_layers == [0]
+    llm = LLM(model=str(tmp_path / "saved"), dtype="float32", enforce_eager=True, max_model_len=128,
+              kv_cache_memory_bytes=2**28, disable_log_stats=False, trust_remote_code=True,  # MiMo's auto_map
+              speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    try:
+        ours = [0, 0]
+        for prompt in PROMPTS:
+            ids = tok(prompt)["input_ids"]
+            out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0]
+            n = len(out.token_ids)
+            full = torch.tensor([ids + list(out.token_ids)])
+            with torch.no_grad():
+                o = policy(full, torch.ones_like(full), n)
+            tokens = full[0, len(ids):]
+            assert torch.equal(o.logits_main[0, :n].argmax(-1), tokens)  # greedy = our main head
+            d, a = _simulate_greedy_drafting((o.logits_mtp[0][0].argmax(-1) == tokens).tolist(), n)
+            ours[0] += d
+            ours[1] += a
+        names = ["vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"]
+        counts = {m.name: m.value for m in llm.get_metrics() if m.name in names}
+        theirs = [counts[n] for n in names]
+        assert ours[1] > 0
+        assert theirs == ours, f"vLLM drafts/accepted {theirs}, our MTP layer predicts {ours}"
+    finally:
+        llm.llm_engine.engine_core.shutdown()
