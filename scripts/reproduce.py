@@ -209,10 +209,14 @@ def header(title: str, args, folders: list[str]) -> str:
     seconds = sum(run_seconds(RUNS / f) for f in dict.fromkeys(folders))
     where = ", ".join(f"`{(RUNS / f).relative_to(ROOT) if (RUNS / f).is_relative_to(ROOT) else RUNS / f}/`"
                       for f in dict.fromkeys(folders))
+    took = (f"the runs took {seconds / 60:.1f} min of wall time" if seconds else
+            "the sweep's wall time is not recorded yet (its command writes it when it finishes)")
+    tracked = all(subprocess.run(["git", "ls-files", "--error-unmatch", str(RUNS / f)], cwd=ROOT, capture_output=True).returncode == 0
+                  for f in dict.fromkeys(folders) if (RUNS / f).exists())
     return (f"# {title}\n\n"
-            f"Produced by `{args.command}` (tables built at commit `{git_commit()}`); the runs took {seconds / 60:.1f} min "
-            f"of wall time on {platform.machine()} ({os.cpu_count()} CPU cores, torch {importlib.metadata.version('torch')}); "
-            f"runs under {where} (not committed).\n")
+            f"Produced by `{args.command}` (tables built at commit `{git_commit()}`); {took} on {platform.machine()} "
+            f"({os.cpu_count()} CPU cores, torch {importlib.metadata.version('torch')}); runs under {where} "
+            f"({'committed without their checkpoints' if tracked else 'not committed'}).\n")
 
 
 def write_json(obj: dict, path: Path) -> None:

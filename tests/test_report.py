@@ -4,12 +4,13 @@ bootstrap, the Table 1 rows, the ordering verdict and the mechanism table."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from occ_exp.report import (
-    Run, bootstrap_diff, collect_runs, mechanism_markdown, ordering_verdict, regime_table, table_markdown,
+    Run, bootstrap_diff, collect_runs, findings_markdown, mechanism_markdown, ordering_verdict, regime_table, table_markdown,
 )
 
 REGIMES = ["detach", "ce", "policy", "occ"]
@@ -370,3 +371,18 @@ def test_run_summary_lines(tmp_path):
     rows[2].update({"diag/corr": 0.002, "diag/penalty": 0.5})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run_summary(tmp_path / "metrics.jsonl")[-1] == "exact c mean +0.002, v2 mean 0.5 (1 diagnosed steps)"
+
+
+def test_findings_with_a_regime_not_run_yet():
+    t2 = {"file": "results/table2_tiny.md", "command": "python scripts/reproduce.py table2", "commit": "abc",
+          "verdicts": {"policy": ["untestable", "no break-even inside the grid"], "occ_exact": ["no data", "no runs"]},
+          "predicted": {"policy": {"L_eta": 1.6, "L_eta_lo": 0.5, "L_eta_hi": 2.8, "eta_source": "taylor_eta", "c": 0.02,
+                                   "v2": 0.35, "steps": 80},
+                        "occ_exact": math.nan},
+          "measured": {"policy": {"accuracy": {"lams": [0.1], "delta": [0.2], "lo": [-1.6], "hi": [1.9]}},
+                       "occ_exact": math.nan},
+          "missing": []}
+    md = findings_markdown(None, t2, None, "python scripts/reproduce.py findings", "abc")
+    assert "**policy** (untestable)" in md and "0.1: +0.2 [-1.6, +1.9]" in md
+    assert "**occ_exact** (no data)" in md
+    assert "Caveat" in md  # the policy row's eta came from the Taylor check

@@ -652,7 +652,11 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
     if t1:
         rows = {r["label"]: r for r in t1["rows"]}
         ref = rows.get("detach")
-        out.append(f"{t1['seeds']} seeds x {t1['steps']} RL steps per regime; final accuracy on the held-out problems "
+        have = sorted({r.get("seeds", 0) for r in rows.values()})
+        seeds = f"{have[0]}" if len(have) == 1 else f"{have[0]}-{have[-1]}"
+        if have and have[-1] < t1["seeds"]:
+            seeds += f" of the {t1['seeds']} planned"
+        out.append(f"{seeds} seeds x {t1['steps']} RL steps per regime; final accuracy on the held-out problems "
                    f"(points); Δ = regime − detach with a paired 95% bootstrap interval; the paper's Δ (MiMo-7B-RL + DAPO) beside.")
         out.append("")
         for label, r in rows.items():
@@ -677,8 +681,10 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                    "one (where the accuracy delta vs detach crosses 0), both with 95% bootstrap intervals.")
         out.append("")
         for label, (status, text) in verdicts.items():
-            p = t2["predicted"].get(label) or {}
-            m = t2["measured"].get(label, {}).get("accuracy")
+            p = t2["predicted"].get(label)
+            p = p if isinstance(p, dict) else {}  # a regime without runs: None (nan once read back)
+            m = t2["measured"].get(label)
+            m = m.get("accuracy") if isinstance(m, dict) else None
             lead = f"- **{label}** ({status}): {text}"
             if p:
                 lead += (f"; L·η = {p['L_eta']:.3g} [{p['L_eta_lo']:.3g}, {p['L_eta_hi']:.3g}] (η from "
@@ -688,7 +694,7 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                 lead += "; Δ accuracy by λ: " + ", ".join(f"{lam:g}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for lam, d, lo, hi
                                                           in zip(m["lams"], m["delta"], m["lo"], m["hi"]))
             out.append(lead + ".")
-        if any((p or {}).get("eta_source") == "taylor_eta" for p in t2["predicted"].values()):
+        if any(isinstance(p, dict) and p.get("eta_source") == "taylor_eta" for p in t2["predicted"].values()):
             out.append("- Caveat: η here is the Taylor check's SGD step (`diagnostics.taylor_eta`, default optimizer.lr), "
                        "not AdamW's effective step along the gradient, which is what the training runs took; λ0 scales "
                        "as 1/(Lη), so the prediction is only as good as η (the learner's `train/trunk_update_norm` gives "
