@@ -105,19 +105,23 @@ class Sweep:
         """One override list per multirun (regimes with extra overrides run on their own). A regime
         without its conf/regime file here is left out (its cells show as missing). `done`: the
         (label, seed) cells with a finished run here; once any is, each (regime, value) left runs
-        as its own multirun over the seeds it still lacks (finished runs need no checkpoint)."""
+        over the seeds it lacks, in one multirun with the other regimes (at the same value) that
+        lack the same seeds, so that --jobs N keeps N runs going (finished runs need no checkpoint)."""
         out = []
         regimes = [r for r in self.regimes if (ROOT / "conf" / "regime" / f"{r}.yaml").exists()]
         for r in sorted(set(self.regimes) - set(regimes)):
             print(f"note: conf/regime/{r}.yaml is not in this checkout; its cells are skipped", flush=True)
         seeds = range(self.seeds)
         if done:
-            for reg in regimes:
-                for v in self.values or [None]:
-                    todo = [s for s in seeds if (self.label(reg, v), s) not in done]
+            groups: dict[tuple, list[str]] = {}  # (value, seeds left, own-overrides regime) -> regimes
+            for v in self.values or [None]:
+                for reg in regimes:
+                    todo = tuple(s for s in seeds if (self.label(reg, v), s) not in done)
                     if todo:
-                        o = [f"regime={reg}", "seed=" + ",".join(map(str, todo))]
-                        out.append(o + ([f"{self.param}={v:g}"] if self.param else []))
+                        groups.setdefault((v, todo, reg if reg in REGIME_OVERRIDES else ""), []).append(reg)
+            for (v, todo, _), regs in groups.items():
+                o = ["regime=" + ",".join(regs), "seed=" + ",".join(map(str, todo))]
+                out.append(o + ([f"{self.param}={v:g}"] if self.param else []))
             return out
         plain = [r for r in regimes if r not in REGIME_OVERRIDES]
         groups = ([plain] if plain else []) + [[r] for r in regimes if r in REGIME_OVERRIDES]

@@ -1,0 +1,37 @@
+"""scripts/reproduce.py's resumed sweeps: the cells left are launched as few multiruns as possible,
+so that `--jobs 2` keeps both cores busy when each regime lacks one seed."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rp():
+    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts" / "reproduce.py")
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_regimes_lacking_the_same_seeds_share_one_multirun(rp):
+    sw = rp.Sweep("table1", rp.TABLE1_REGIMES, 3)
+    plain = [r for r in rp.TABLE1_REGIMES if r not in rp.REGIME_OVERRIDES]
+    done = {(sw.label(r, None), s) for r in plain for s in (0, 1)} | {(sw.label("occ_reference", None), 0)}
+    got = sw.overrides(done)
+    assert got == [["regime=" + ",".join(plain), "seed=2"], ["regime=occ_reference", "seed=1,2"]]
+    # every cell left is launched exactly once
+    launched = {(sw.label(r, None), int(s)) for o in got for r in o[0].removeprefix("regime=").split(",")
+                for s in o[1].removeprefix("seed=").split(",")}
+    assert launched == set(sw.cells()) - done
+
+
+def test_a_swept_value_groups_its_regimes_and_keeps_its_value(rp):
+    sw = rp.Sweep("table2", ["policy", "ce"], 3, "regime.coef", [0.03, 0.3])
+    done = {(sw.label("policy", 0.03), 0), (sw.label("ce", 0.03), 0), (sw.label("policy", 0.3), 0)}
+    assert sw.overrides(done) == [["regime=policy,ce", "seed=1,2", "regime.coef=0.03"],
+                                  ["regime=policy", "seed=1,2", "regime.coef=0.3"],
+                                  ["regime=ce", "seed=0,1,2", "regime.coef=0.3"]]
