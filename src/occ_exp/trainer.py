@@ -175,7 +175,14 @@ def prepare_policy(policy, cfg: DictConfig, dist: D.Dist, log):
     """Activation checkpointing, FSDP2 under a process group, prompt sharing, torch.compile."""
     D.apply_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     policy = D.shard_policy(policy, dist, cfg.distributed)  # FSDP2 under a process group
-    policy.share_prompts = cfg.model.share_prompts
+    # Prompt sharing runs the decoder stack once or twice per forward depending on the rows (shared
+    # prompts or not), so under FSDP2 on several ranks the ranks' layer all-gathers would stop
+    # matching (a gloo "collective mismatch"); it would also gather every layer twice. Off there.
+    sharded = dist.enabled and dist.world_size > 1
+    policy.share_prompts = cfg.model.share_prompts and not sharded
+    if cfg.model.share_prompts and sharded:
+        log("learner: model.share_prompts is off under FSDP2 on several ranks (each row runs its own prompt; "
+            "same log-probs)")
     if cfg.model.compile:  # the learner's forward/backward; shapes vary by step, so symbolic from the start
         policy.compile_forward(dynamic=True)
     if dist.enabled:
