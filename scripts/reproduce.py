@@ -8,6 +8,7 @@
     python scripts/reproduce.py all      # all of it, in that order
     ... --plan                           # print runs x steps x s/step = wall time at --jobs N, run nothing
     ... --report-only                    # rebuild the results files from the runs there, run nothing
+    ... --regimes detach,occ             # run only these regimes' cells (the reports keep every cell)
     python scripts/reproduce.py table1 --scale mimo7b [--launch]                # real scale: the plan / Slurm
 
 Every table is one or more Hydra multiruns of `python -m occ_exp.train` (experiment=theory_tiny:
@@ -37,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ THEORY_GRID = np.geomspace(0.01, 30, 61)  # lambda grid of the predicted gain cu
 PAPER_ROW = "MiMo-7B-RL + DAPO"
 RESULTS = ROOT / "results"
 RUNS = ROOT / "results" / "runs"  # committed, less checkpoints/ (.gitignore)
-OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False)
+OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False, regimes=None)
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -142,6 +143,11 @@ class Sweep:
         return [(self.label(reg, v), s) for reg in self.regimes for v in self.values or [None] for s in range(self.seeds)]
 
 
+def selected(sw: Sweep) -> Sweep:
+    """The sweep's cells of the regimes --regimes names (all without it)."""
+    return replace(sw, regimes=[r for r in sw.regimes if OPTS.regimes is None or r in OPTS.regimes])
+
+
 def table1_sweep(args) -> Sweep:
     return Sweep("table1" + args.run_suffix, TABLE1_REGIMES, args.seeds1)
 
@@ -174,7 +180,7 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            JOBS_ENV: str(args.jobs)}  # each run's default threads: its share of the cores (occ_exp.runtime)
     steps = [f"trainer.total_steps={args.steps}"]
-    for sw in sweeps:
+    for sw in map(selected, sweeps):
         out = RUNS / sw.folder
         done = {(cell_label(r), r.seed) for r in collect_runs(out) if r.finished} if out.exists() else set()
         for over in sw.overrides(done):
@@ -433,7 +439,7 @@ def plan(sweeps: list[Sweep], args) -> None:
     """Runs x steps x measured s/step = wall time at --jobs N (what a resumed sweep still has to do)."""
     measured = seconds_per_step(RUNS)
     cells, seen = [], set()
-    for sw in sweeps:
+    for sw in map(selected, sweeps):
         done = steps_done(load([sw.folder]))
         for label, seed in sw.cells():
             if (sw.folder, label, seed) in seen:
@@ -513,6 +519,8 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="a Hydra override for every run (repeatable; not part of the run folders' names: "
                          "use --out-suffix for a sweep with other settings)")
+    ap.add_argument("--regimes", default=None, metavar="A,B",
+                    help="run only these regimes' cells (default: every regime of the table); reports keep them all")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default results/runs/)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
@@ -522,6 +530,11 @@ def main(argv=None) -> int:
         v = getattr(args, key)
         if v is not None and v < 1:
             ap.error(f"--{key} must be >= 1, got {v}")
+    known = [*TABLE1_REGIMES, *TABLE2_REGIMES]
+    args.regimes = args.regimes.split(",") if args.regimes else None
+    for r in args.regimes or []:
+        if r not in known:
+            ap.error(f"--regimes: unknown regime {r!r}; the tables' regimes are {', '.join(dict.fromkeys(known))}")
     # seeds per cell: Table 1's (default 4) and Table 2's (default 3; its shared cells are Table 1's runs)
     args.seeds1 = args.seeds or (1 if args.quick else 4)
     args.seeds2 = args.seeds or (1 if args.quick else 3)
@@ -535,6 +548,7 @@ def main(argv=None) -> int:
     if args.runs is not None:
         RUNS = args.runs.resolve()
     OPTS.report_only, OPTS.plan, OPTS.overrides, OPTS.jobs = args.report_only, args.plan, args.override, args.jobs
+    OPTS.regimes = args.regimes
     # the command that ran the runs (a --report-only rebuild names the sweep's own command)
     args.command = "python scripts/reproduce.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--plan"))

@@ -35,3 +35,17 @@ def test_a_swept_value_groups_its_regimes_and_keeps_its_value(rp):
     assert sw.overrides(done) == [["regime=policy,ce", "seed=1,2", "regime.coef=0.03"],
                                   ["regime=policy", "seed=1,2", "regime.coef=0.3"],
                                   ["regime=ce", "seed=0,1,2", "regime.coef=0.3"]]
+
+
+def test_regimes_option_limits_the_sweep_to_those_cells(rp, tmp_path, capsys):
+    rp.main(["table1", "--plan", "--regimes", "detach,occ", "--seeds", "3", "--sec-per-step", "2",
+             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["detach", "occ λ=1"]
+
+
+def test_regimes_option_names_an_unknown_regime(rp, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rp.main(["table1", "--plan", "--regimes", "detach,occ_typo", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown regime 'occ_typo'" in err and "occ_reference" in err  # what was wrong, and the names to use
