@@ -78,6 +78,16 @@ def _simulate_greedy_drafting(agree: list[bool], length: int) -> tuple[int, int]
     return drafts, accepted
 
 
+def _our_draft_counts(policy, input_ids, attention_mask, response_len: int, n: int) -> tuple[int, int]:
+    """(drafts, accepted) that greedy drafting with our depth-1 MTP layer makes on the first `n`
+    response tokens of one sequence; checks first that greedy decoding followed our main head."""
+    with torch.no_grad():
+        out = policy(input_ids, attention_mask, response_len)
+    tokens = input_ids[0, input_ids.shape[1] - response_len:]
+    assert torch.equal(out.logits_main[0, :n].argmax(-1), tokens[:n])  # greedy = our main head
+    return _simulate_greedy_drafting((out.logits_mtp[0][0].argmax(-1) == tokens).tolist(), n)
+
+
 @pytest.mark.slow
 def test_logprobs_at_temperature_equal_the_learners(tiny_policy):
     """At rollout.temperature 0.7 the engine's processed log-probs (logits / T) are the learner's
@@ -114,12 +124,7 @@ def test_mtp_drafter_is_our_mtp_layer(tiny_policy):
             b = ro.generate([prompt], 1, greedy=True)
             vllm_counts[0] += b.stats["rollout/spec_draft_tokens"]
             vllm_counts[1] += b.stats["rollout/spec_accepted_tokens"]
-            with torch.no_grad():
-                out = policy(b.input_ids, b.attention_mask, b.response_len)
-            n = int(b.response_mask.sum())
-            tokens = b.input_ids[0, b.prompt_len:]
-            assert torch.equal(out.logits_main[0, :n].argmax(-1), tokens[:n])  # greedy = our main head
-            d, a = _simulate_greedy_drafting((out.logits_mtp[0][0].argmax(-1) == tokens).tolist(), n)
+            d, a = _our_draft_counts(policy, b.input_ids, b.attention_mask, b.response_len, int(b.response_mask.sum()))
             ours[0] += d
             ours[1] += a
         assert ours[1] > 0
@@ -228,11 +233,7 @@ def test_a_saved_mimo_folder_is_served_with_its_drafter_whose_drafts_are_our_lay
                                use_tqdm=False)[0].outputs[0]
             n = len(out.token_ids)
             full = torch.tensor([ids + list(out.token_ids)])
-            with torch.no_grad():
-                o = policy(full, torch.ones_like(full), n)
-            tokens = full[0, len(ids):]
-            assert torch.equal(o.logits_main[0, :n].argmax(-1), tokens)  # greedy = our main head
-            d, a = _simulate_greedy_drafting((o.logits_mtp[0][0].argmax(-1) == tokens).tolist(), n)
+            d, a = _our_draft_counts(policy, full, torch.ones_like(full), n, n)
             ours[0] += d
             ours[1] += a
         names = ["vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"]
