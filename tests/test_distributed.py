@@ -259,6 +259,7 @@ def test_two_rank_training_run_writes_metrics_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test-all only (minutes on 2 cores); see pyproject markers
 def test_two_rank_run_with_dynamic_sampling(tmp_path):
     """algorithm.dynamic_sampling under 2 CPU ranks: every generation batch is gathered before the
     filter, so both ranks keep the same groups and the sharded learner's collectives line up."""
