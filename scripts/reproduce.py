@@ -232,7 +232,7 @@ def header(title: str, args, folders: list[str]) -> str:
 def write_json(obj: dict, path: Path) -> None:
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
-            return "inf" if x == math.inf else "-inf" if x == -math.inf else None
+            return "inf" if x == math.inf else "-inf" if x == -math.inf else "nan"  # null stays "no value"
         if isinstance(x, dict):
             return {str(k): clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -250,7 +250,7 @@ def read_json(path: Path) -> dict | None:
             return math.inf
         if x == "-inf":
             return -math.inf
-        if x is None:
+        if x == "nan":
             return math.nan
         if isinstance(x, dict):
             return {k: back(v) for k, v in x.items()}

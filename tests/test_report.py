@@ -378,9 +378,9 @@ def test_findings_with_a_regime_not_run_yet():
           "verdicts": {"policy": ["untestable", "no break-even inside the grid"], "occ_exact": ["no data", "no runs"]},
           "predicted": {"policy": {"L_eta": 1.6, "L_eta_lo": 0.5, "L_eta_hi": 2.8, "eta_source": "taylor_eta", "c": 0.02,
                                    "v2": 0.35, "steps": 80},
-                        "occ_exact": math.nan},
+                        "occ_exact": None},
           "measured": {"policy": {"accuracy": {"lams": [0.1], "delta": [0.2], "lo": [-1.6], "hi": [1.9]}},
-                       "occ_exact": math.nan},
+                       "occ_exact": None},
           "missing": []}
     md = findings_markdown(None, t2, None, "python scripts/reproduce.py findings", "abc")
     assert "**policy** (untestable)" in md and "0.1: +0.2 [-1.6, +1.9]" in md

@@ -49,3 +49,12 @@ def test_regimes_option_names_an_unknown_regime(rp, tmp_path, capsys):
         rp.main(["table1", "--plan", "--regimes", "detach,occ_typo", "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "unknown regime 'occ_typo'" in err and "occ_reference" in err  # what was wrong, and the names to use
+
+
+def test_summaries_keep_a_missing_value_apart_from_a_nan(rp, tmp_path):
+    """The summaries findings reads back: a regime without runs (None) must not come back as a number (nan)."""
+    path = tmp_path / "t.json"
+    rp.write_json({"none": None, "nan": float("nan"), "inf": float("inf"), "xs": [1.5, None, float("-inf")]}, path)
+    got = rp.read_json(path)
+    assert got["none"] is None and got["nan"] != got["nan"] and got["inf"] == float("inf")
+    assert got["xs"][0] == 1.5 and got["xs"][1] is None and got["xs"][2] == float("-inf")

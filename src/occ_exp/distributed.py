@@ -76,10 +76,15 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def multi_rank(self) -> bool:
+        """A process group with several ranks: collectives communicate, FSDP2 shards across ranks."""
+        return self.enabled and self.world_size > 1
+
     # -- collectives (the identity without a process group) -----------------------------------
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce of a tensor (sum or max); returns it."""
-        if self.enabled and self.world_size > 1:
+        if self.multi_rank:
             comm = t.to(self.device) if t.device != self.device else t
             tdist.all_reduce(comm, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
             if comm is not t:
@@ -93,12 +98,12 @@ class Dist:
         return int(self.all_reduce(torch.tensor(int(x), dtype=torch.int64, device=self.device), "max"))
 
     def barrier(self) -> None:
-        if self.enabled and self.world_size > 1:
+        if self.multi_rank:
             tdist.barrier()
 
     def mean_dict(self, d: dict) -> dict:
         """Per-rank scalar metrics -> their mean over ranks (keys ending in `_max`: the maximum)."""
-        if not (self.enabled and self.world_size > 1) or not d:
+        if not self.multi_rank or not d:
             return d
         keys = sorted(d)
         means = self.all_reduce(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=self.device))
@@ -108,14 +113,14 @@ class Dist:
 
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank (the identity without a process group)."""
-        if not (self.enabled and self.world_size > 1):
+        if not self.multi_rank:
             return obj
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_gather_object(self, obj) -> list:
-        if not (self.enabled and self.world_size > 1):
+        if not self.multi_rank:
             return [obj]
         out = [None] * self.world_size
         tdist.all_gather_object(out, obj)
@@ -149,7 +154,7 @@ class Dist:
         Prompt widths are re-padded on the left and response widths on the right; the engine's
         `stats` are merged by the batch's own `merge_stats`. `batch` is an
         occ_exp.rollout.base.RolloutBatch (duck-typed: plumbing imports no noun)."""
-        if not (self.enabled and self.world_size > 1):
+        if not self.multi_rank:
             return batch
         P = self.max(batch.prompt_len)
         R = self.max(batch.response_len)

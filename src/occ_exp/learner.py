@@ -141,7 +141,7 @@ def whole_view(rows: list[torch.Tensor], outs: list[PolicyOutput], micro: list[R
         [m.response_mask.float() for m in micro],
     ]
     local = torch.stack([_pad_cat([p.to(dist.device) for p in f], width, order.to(dist.device)) for f in fields])
-    if dist.enabled and dist.world_size > 1:
+    if dist.multi_rank:
         parts = [torch.empty_like(local) for _ in range(dist.world_size)]
         tdist.all_gather(parts, local.contiguous())
         local = torch.cat(parts, dim=1)
@@ -393,7 +393,7 @@ def optimizer_step(u: Update, batch: RolloutBatch, idx: torch.Tensor, diagnose: 
     `diag/<name>_mb<mb_index>`, and unsuffixed too (with the Taylor check) when it is the `last`."""
     mb = batch.select(u.dist.share_of(idx))
     micro = split_micro_batches(mb, u.cfg.algorithm.max_tokens_per_micro_batch, u.dist, u.cfg.trainer.micro_batch_size)
-    split = len(micro) > 1 or u.dist.world_size > 1
+    split = len(micro) > 1 or u.dist.multi_rank
     denom = Denominators.of(mb, u.dist) if split else Denominators(None, None)
     coef_before = [c.state_dict() for c in u.coef_states]
     advantages = batch.advantages[idx]

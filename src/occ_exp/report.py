@@ -681,10 +681,8 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                    "one (where the accuracy delta vs detach crosses 0), both with 95% bootstrap intervals.")
         out.append("")
         for label, (status, text) in verdicts.items():
-            p = t2["predicted"].get(label)
-            p = p if isinstance(p, dict) else {}  # a regime without runs: None (nan once read back)
-            m = t2["measured"].get(label)
-            m = m.get("accuracy") if isinstance(m, dict) else None
+            p = t2["predicted"].get(label) or {}  # a regime without runs: None
+            m = (t2["measured"].get(label) or {}).get("accuracy")
             lead = f"- **{label}** ({status}): {text}"
             if p:
                 lead += (f"; L·η = {p['L_eta']:.3g} [{p['L_eta_lo']:.3g}, {p['L_eta_hi']:.3g}] (η from "
@@ -694,7 +692,7 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                 lead += "; Δ accuracy by λ: " + ", ".join(f"{lam:g}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for lam, d, lo, hi
                                                           in zip(m["lams"], m["delta"], m["lo"], m["hi"]))
             out.append(lead + ".")
-        if any(isinstance(p, dict) and p.get("eta_source") == "taylor_eta" for p in t2["predicted"].values()):
+        if any(p and p.get("eta_source") == "taylor_eta" for p in t2["predicted"].values()):
             out.append("- Caveat: η here is the Taylor check's SGD step (`diagnostics.taylor_eta`, default optimizer.lr), "
                        "not AdamW's effective step along the gradient, which is what the training runs took; λ0 scales "
                        "as 1/(Lη), so the prediction is only as good as η (the learner's `train/trunk_update_norm` gives "

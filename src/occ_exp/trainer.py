@@ -134,7 +134,7 @@ def set_up(cfg: DictConfig, run_dir: Path, log, stop: GracefulStop | None = None
         env = builders.build(cfg, device, log=log, with_warm_start=ckpt is None)
     seed_everything(cfg.seed)  # the RL phase's randomness must not depend on whether the warm start was cached
     policy = prepare_policy(env.policy, cfg, dist, log)
-    if dist.world_size > 1:
+    if dist.multi_rank:
         torch.manual_seed(cfg.seed + dist.rank)  # independent samples on each rank
     regime = get_regime(cfg.regime.name)
     rollout = build_rollout(cfg.rollout, policy, env.tokenizer, device)
@@ -178,7 +178,7 @@ def prepare_policy(policy, cfg: DictConfig, dist: D.Dist, log):
     # Prompt sharing runs the decoder stack once or twice per forward depending on the rows (shared
     # prompts or not), so under FSDP2 on several ranks the ranks' layer all-gathers would stop
     # matching (a gloo "collective mismatch"); it would also gather every layer twice. Off there.
-    sharded = dist.enabled and dist.world_size > 1
+    sharded = dist.multi_rank
     policy.share_prompts = cfg.model.share_prompts and not sharded
     if cfg.model.share_prompts and sharded:
         log("learner: model.share_prompts is off under FSDP2 on several ranks (each row runs its own prompt; "
@@ -237,7 +237,7 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("logp_old"):
         stats.update(set_logp_old(run.policy, batch, cfg, dist,
                                   recompute=recompute_logp_old_needed(a.recompute_logp_old, run.rollout)))
-    if dist.world_size > 1:  # every rank now holds the whole step's batch (advantages already per group)
+    if dist.multi_rank:  # every rank now holds the whole step's batch (advantages already per group)
         with timer("gather"):
             batch, stats = dist.gather_rollouts(batch, n_prompts), dist.mean_dict(stats)
     with timer("update"):
