@@ -79,8 +79,9 @@ def sh(cmd: list[str], **kw) -> None:
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=ROOT).stdout.strip()
+        # results/ is what this script writes (and the sweeps' run folders): not the code that built them
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
