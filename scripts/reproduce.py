@@ -9,6 +9,7 @@
     ... --plan                           # print runs x steps x s/step = wall time at --jobs N, run nothing
     ... --report-only                    # rebuild the results files from the runs there, run nothing
     ... --regimes detach,occ             # run only these regimes' cells (the reports keep every cell)
+    ... --values 3,1                     # run only the cells at these λ / λ_plus, one value after another
     python scripts/reproduce.py table1 --scale mimo7b [--launch]                # real scale: the plan / Slurm
 
 Every table is one or more Hydra multiruns of `python -m occ_exp.train` (experiment=theory_tiny:
@@ -68,7 +69,7 @@ THEORY_GRID = np.geomspace(0.01, 30, 61)  # lambda grid of the predicted gain cu
 PAPER_ROW = "MiMo-7B-RL + DAPO"
 RESULTS = ROOT / "results"
 RUNS = ROOT / "results" / "runs"  # committed, less checkpoints/ (.gitignore)
-OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False, regimes=None)
+OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, warm=False, regimes=None, values=None)
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -144,9 +145,21 @@ class Sweep:
         return [(self.label(reg, v), s) for reg in self.regimes for v in self.values or [None] for s in range(self.seeds)]
 
 
-def selected(sw: Sweep) -> Sweep:
-    """The sweep's cells of the regimes --regimes names (all without it)."""
-    return replace(sw, regimes=[r for r in sw.regimes if OPTS.regimes is None or r in OPTS.regimes])
+def selected(sweeps: list[Sweep]) -> list[Sweep]:
+    """The sweeps' cells of the regimes --regimes names, and, under --values, of those λ / λ_plus only,
+    one sweep per value in the order given (so a sweep spread over sessions runs the values that
+    matter first). Without either option, every sweep whole."""
+    out = []
+    for sw in sweeps:
+        sw = replace(sw, regimes=[r for r in sw.regimes if OPTS.regimes is None or r in OPTS.regimes])
+        if OPTS.values is None:
+            out.append(sw)
+        elif sw.param:
+            out += [replace(sw, values=[v]) for v in OPTS.values if v in sw.values]
+        else:  # a sweep at Table 1's fixed values: its regimes whose value was named (detach has none)
+            out.append(replace(sw, regimes=[r for r in sw.regimes if r != "detach" and
+                                            float(sw.label(r, None).split("λ=")[1]) in OPTS.values]))
+    return out
 
 
 def table1_sweep(args) -> Sweep:
@@ -181,7 +194,7 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            JOBS_ENV: str(args.jobs)}  # each run's default threads: its share of the cores (occ_exp.runtime)
     steps = [f"trainer.total_steps={args.steps}"]
-    for sw in map(selected, sweeps):
+    for sw in selected(sweeps):
         out = RUNS / sw.folder
         done = {(cell_label(r), r.seed) for r in collect_runs(out) if r.finished} if out.exists() else set()
         for over in sw.overrides(done):
@@ -440,7 +453,7 @@ def plan(sweeps: list[Sweep], args) -> None:
     """Runs x steps x measured s/step = wall time at --jobs N (what a resumed sweep still has to do)."""
     measured = seconds_per_step(RUNS)
     cells, seen = [], set()
-    for sw in map(selected, sweeps):
+    for sw in selected(sweeps):
         done = steps_done(load([sw.folder]))
         for label, seed in sw.cells():
             if (sw.folder, label, seed) in seen:
@@ -522,6 +535,9 @@ def main(argv=None) -> int:
                          "use --out-suffix for a sweep with other settings)")
     ap.add_argument("--regimes", default=None, metavar="A,B",
                     help="run only these regimes' cells (default: every regime of the table); reports keep them all")
+    ap.add_argument("--values", default=None, metavar="V,W",
+                    help="run only the cells at these swept values (Table 2's λ of policy/ce, λ_plus of occ), "
+                         "one value after another in this order; reports keep every cell")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results files go (default results/)")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs live (default results/runs/)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the results files from the runs there, run nothing")
@@ -536,6 +552,15 @@ def main(argv=None) -> int:
     for r in args.regimes or []:
         if r not in known:
             ap.error(f"--regimes: unknown regime {r!r}; the tables' regimes are {', '.join(dict.fromkeys(known))}")
+    grid = sorted(set(FIXED_LAMBDAS) | set(OCC_LAMBDA_PLUS))
+    try:
+        args.values = [float(v) for v in args.values.split(",")] if args.values else None
+    except ValueError:
+        ap.error(f"--values: {args.values!r} is not a comma-separated list of numbers; Table 2's values are "
+                 + ", ".join(f"{v:g}" for v in grid))
+    for v in args.values or []:
+        if v not in grid:
+            ap.error(f"--values: {v:g} is not a value Table 2 sweeps; its values are " + ", ".join(f"{v:g}" for v in grid))
     # seeds per cell: Table 1's (default 4) and Table 2's (default 3; its shared cells are Table 1's runs)
     args.seeds1 = args.seeds or (1 if args.quick else 4)
     args.seeds2 = args.seeds or (1 if args.quick else 3)
@@ -549,7 +574,7 @@ def main(argv=None) -> int:
     if args.runs is not None:
         RUNS = args.runs.resolve()
     OPTS.report_only, OPTS.plan, OPTS.overrides, OPTS.jobs = args.report_only, args.plan, args.override, args.jobs
-    OPTS.regimes = args.regimes
+    OPTS.regimes, OPTS.values = args.regimes, args.values
     # the command that ran the runs (a --report-only rebuild names the sweep's own command)
     args.command = "python scripts/reproduce.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--plan"))

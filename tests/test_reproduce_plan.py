@@ -79,3 +79,18 @@ def test_results_being_written_do_not_mark_the_commit_dirty(rp, tmp_path, monkey
     assert not rp.git_commit().endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert rp.git_commit().endswith("-dirty")
+
+
+def test_values_option_limits_the_sweep_to_those_values_in_that_order(rp, tmp_path, capsys):
+    """A long Table 2 sweep spread over sessions: run the informative end of the λ grid first."""
+    rp.main(["table2", "--plan", "--regimes", "policy,ce", "--values", "3,1", "--sec-per-step", "2",
+             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["policy λ=3", "ce λ=3", "policy λ=1", "ce λ=1"]
+
+
+def test_values_option_names_a_value_the_table_does_not_sweep(rp, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rp.main(["table2", "--plan", "--values", "3,2", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--values: 2" in err and "0.03" in err and "10" in err  # what was wrong, and the values to use
