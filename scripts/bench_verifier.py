@@ -43,7 +43,6 @@ import pstats
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -60,6 +59,7 @@ from occ_exp.reward.engine import TIMEOUT, Engine, SoftTimeout  # noqa: E402
 from occ_exp.reward.extract import fast_verdict  # noqa: E402
 from occ_exp.reward.pool import CRASH, SOFT_FRACTION, WorkerPool, default_start_method  # noqa: E402
 from occ_exp.reward.verifier import Verifier  # noqa: E402
+from occ_exp.runtime import code_commit  # noqa: E402
 
 TARGET_PER_S = 500.0
 
@@ -157,16 +157,6 @@ def _version(pkg: str) -> str:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _cpu_seconds(pids: list[int]) -> float | None:
@@ -388,7 +378,7 @@ def compare_pools(args: argparse.Namespace) -> None:
         out[name] = r
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "commit": _commit(),
+        "commit": code_commit(REPO),
         "pebble": _version("pebble"),
         "num_workers": args.workers, "timeout_s": args.timeout, "items_per_rep": args.n, "reps": args.reps,
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -535,7 +525,7 @@ def main() -> None:
         "machine": machine,
         "versions": versions,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "commit": _commit(),
+        "commit": code_commit(REPO),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "verifier_bench.json").write_text(json.dumps(report, indent=2) + "\n")

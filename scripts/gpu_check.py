@@ -493,14 +493,12 @@ class Part:
 
 
 def git_commit() -> str:
+    """GPU_CHECK_COMMIT on the device (its copy of the tree has no .git), else the tree's own commit."""
     if os.environ.get("GPU_CHECK_COMMIT"):
         return os.environ["GPU_CHECK_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    sys.path.insert(0, str(ROOT / "src"))
+    from occ_exp.runtime import code_commit  # after the path, as this script's other package imports
+    return code_commit(ROOT)
 
 
 def render(parts: dict[str, Part], meta: dict) -> str:

@@ -53,7 +53,7 @@ from occ_exp.report import (  # noqa: E402
     missing_markdown, ordering_verdict, predicted_curve, proxy_markdown, proxy_observations, proxy_table,
     regime_label, regime_table, seconds_per_step, steps_done, table_markdown, theory_verdict, write_csv,
 )
-from occ_exp.runtime import JOBS_ENV, choose_threads  # noqa: E402
+from occ_exp.runtime import JOBS_ENV, choose_threads, code_commit  # noqa: E402
 
 DEFAULT_STEPS = 400
 PAPER_REGIMES = ["detach", "ce", "policy", "occ"]  # the paper's Table 1
@@ -75,17 +75,6 @@ OPTS = argparse.Namespace(report_only=False, plan=False, overrides=[], jobs=2, w
 def sh(cmd: list[str], **kw) -> None:
     print("+ " + shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, **kw)
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        # results/ is what this script writes (and the sweeps' run folders): not the code that built them
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
-                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def experiment(quick: bool) -> str:
@@ -238,7 +227,7 @@ def header(title: str, args, folders: list[str]) -> str:
     tracked = all(subprocess.run(["git", "ls-files", "--error-unmatch", str(RUNS / f)], cwd=ROOT, capture_output=True).returncode == 0
                   for f in dict.fromkeys(folders) if (RUNS / f).exists())
     return (f"# {title}\n\n"
-            f"Produced by `{args.command}` (tables built at commit `{git_commit()}`); {took} on {platform.machine()} "
+            f"Produced by `{args.command}` (tables built at commit `{code_commit(ROOT)}`); {took} on {platform.machine()} "
             f"({os.cpu_count()} CPU cores, torch {importlib.metadata.version('torch')}); runs under {where} "
             f"({'committed without their checkpoints' if tracked else 'not committed'}).\n")
 
@@ -276,7 +265,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def summary(args, name: str, seeds: int, **extra) -> dict:
-    return {"file": f"results/{name}", "command": args.command, "commit": git_commit(), "steps": args.steps,
+    return {"file": f"results/{name}", "command": args.command, "commit": code_commit(ROOT), "steps": args.steps,
             "seeds": seeds, **extra}
 
 
@@ -436,7 +425,7 @@ def findings(args) -> None:
         return None
     s = args.out_suffix
     md = findings_markdown(read_json(args.results / f"table1_tiny{s}.json"), read_json(args.results / f"table2_tiny{s}.json"),
-                           read_json(args.results / f"proxy_tiny{s}.json"), args.command, git_commit())
+                           read_json(args.results / f"proxy_tiny{s}.json"), args.command, code_commit(ROOT))
     (args.results / f"FINDINGS{s}.md").write_text(md)
     print(md)
 

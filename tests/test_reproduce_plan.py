@@ -60,27 +60,6 @@ def test_summaries_keep_a_missing_value_apart_from_a_nan(rp, tmp_path):
     assert got["xs"][0] == 1.5 and got["xs"][1] is None and got["xs"][2] == float("-inf")
 
 
-def test_results_being_written_do_not_mark_the_commit_dirty(rp, tmp_path, monkeypatch):
-    """The reports name the commit of the code that built them: files under results/ (what `all` writes one
-    after another) must not turn it into '<sha>-dirty'; a changed source file must."""
-    import subprocess
-
-    def git(*a):
-        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
-
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "t.md").write_text("a\n")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    monkeypatch.setattr(rp, "ROOT", tmp_path)
-    (tmp_path / "results" / "t.md").write_text("b\n")
-    assert not rp.git_commit().endswith("-dirty")
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert rp.git_commit().endswith("-dirty")
-
-
 def test_values_option_limits_the_sweep_to_those_values_in_that_order(rp, tmp_path, capsys):
     """A long Table 2 sweep spread over sessions: run the informative end of the λ grid first."""
     rp.main(["table2", "--plan", "--regimes", "policy,ce", "--values", "3,1", "--sec-per-step", "2",

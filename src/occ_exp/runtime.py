@@ -1,5 +1,5 @@
 """Runtime helpers of one process (plumbing): the device, seeding and RNG states, CPU threads,
-and the per-phase timer with its peak-memory readings.
+the per-phase timer with its peak-memory readings, and the commit of the code a result came from.
 
 CPU threads (`trainer.threads=0`, the default, is a policy; a positive value is used as given).
 Intra-op threads beyond the cores a process really gets make torch slower, not faster: threads
@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 import random
+import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -222,3 +223,20 @@ class PhaseTimer:
         mem = "mem/{}_peak_gib" if self.cuda else "mem/{}_peak_rss_gib"
         return {**{f"time/{k}_s": v for k, v in self.times.items()},
                 **{mem.format(k): v for k, v in self.peaks.items()}}
+
+
+# -- provenance ----------------------------------------------------------------------------------
+def code_commit(root: str | os.PathLike, exclude: tuple[str, ...] = ("results",)) -> str:
+    """The commit of the code in the git tree at `root`, as results files name it: `<short sha>`,
+    `<short sha>-dirty` when tracked files outside `exclude` have uncommitted changes, or `unknown`
+    outside a git tree (or without git). `exclude` is what the scripts write (results/): a report
+    being written, or an earlier benchmark's output, is not a change to the code that made it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){e}" for e in exclude))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")

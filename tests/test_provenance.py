@@ -1,0 +1,54 @@
+"""Results files name the commit of the code that made them: one helper, used by every script that
+writes under results/, that ignores results/ itself (a report being written, or a benchmark's
+earlier output, is not a change to the code) and marks any change to the code '-dirty'."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from occ_exp.runtime import code_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_results_do_not_mark_the_commit_dirty_and_code_does(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.md").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "init")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True).stdout.strip()
+    (tmp_path / "results" / "t.md").write_text("b\n")
+    assert code_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == sha + "-dirty"
+
+
+def test_a_tree_without_git_says_unknown(tmp_path):
+    assert code_commit(tmp_path) == "unknown"
+
+
+def test_no_script_asks_git_for_the_commit_itself():
+    """Four scripts once had four copies of this (two without the results/ exception)."""
+    own = [p.name for p in sorted((ROOT / "scripts").glob("*.py")) if '"rev-parse"' in p.read_text()]
+    assert own == []
+
+
+def test_the_benchmark_report_names_its_commit(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    machine = {"cpu": "x", "cpus": 2, "threads": 1, "load_before": [0.1] * 3, "load_after": [0.2] * 3,
+               "versions": {"torch": "t"}, "python": "3"}
+    res = {"command": "python scripts/bench.py --only matmul", "commit": "abc1234", "date": "d", "wall_s": 1.0,
+           "machine": machine, "settings": {}, "notes": []}
+    bench.write_report(res, tmp_path)
+    assert "Command: `python scripts/bench.py --only matmul` at commit `abc1234`" in (tmp_path / "bench.md").read_text()
