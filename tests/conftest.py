@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from occ_exp.config import register_configs
+from occ_exp.runtime import JOBS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -22,9 +23,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("OCC_EXP_PLOTS", "0")  # no figures after every CLI run (test_resume checks them once)
-# pytest-xdist (make test: -n 2): the cores are split between the workers, and the subprocesses a
-# test starts (the CLI, torchrun) inherit the worker's share through OMP_NUM_THREADS
+# pytest-xdist (make test: -n 2) is a launcher of processes side by side, as Hydra's joblib launcher
+# is: the workers split the cores through the runtime's thread policy (OCC_EXP_PARALLEL_JOBS), which
+# the runs a test starts (train() here, the CLI and torchrun in subprocesses) apply; OMP_NUM_THREADS
+# gives the same share to the work tests do outside a run
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault(JOBS_ENV, str(_workers))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1) // _workers)))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 register_configs()

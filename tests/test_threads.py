@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from occ_exp.runtime import JOBS_ENV, cgroup_cpu_limit, choose_threads, parallel_jobs
+from occ_exp.runtime import JOBS_ENV, available_cores, cgroup_cpu_limit, choose_threads, parallel_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +68,18 @@ def test_jobs_side_by_side_share_the_cores():
     cores = len(os.sched_getaffinity(0))
     out = _threads_in({JOBS_ENV: "2"})
     assert out.splitlines()[-1] == str(cores // 2) and "2 jobs launched side by side" in out
+
+
+def test_a_pytest_xdist_worker_keeps_its_share_of_the_cores():
+    """`make test` runs two pytest-xdist workers: the runs a worker starts (train() in the worker, and
+    the CLI it launches) must take that worker's share of the cores, not every core each (four threads
+    on two cores made a two-step run ten times slower)."""
+    code = "import tests.conftest, torch\nfrom occ_exp.runtime import set_threads\nprint(set_threads(0).threads)"
+    env = {k: v for k, v in os.environ.items() if k not in (JOBS_ENV, "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), PYTEST_XDIST_WORKER_COUNT="2")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(max(1, available_cores()[0] // 2))]
 
 
 @pytest.mark.slow
