@@ -325,7 +325,8 @@ def table2(args) -> None:
             [f"occ λ={v:g}" for v in OCC_LAMBDA_PLUS]
     table = regime_table(runs, cell_label, order, n_boot=args.boot)
     missing = missing_cells(runs, [c for sw in sweeps for c in sw.cells()], cell_label)
-    measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot)
+    measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot, min_seeds=args.seeds2)
+    off_curve = [f"{lab} λ={lam:g}" for lab, m in measured.items() for lam in m["accuracy"].get("left_out", [])]
     # the prediction for occ_exact too (its diagnosed steps are in Table 1's runs), beside occ's
     theory_runs = runs + [r for r in load([sweeps[0].folder]) if r.seed < args.seeds2 and regime_label(r) == "occ_exact"]
     predicted = {lab: predicted_curve([r for r in theory_runs if regime_label(r) == lab], THEORY_GRID, args.eta,
@@ -350,6 +351,8 @@ def table2(args) -> None:
         theory_rows.append(f"| {lab} | {from_p} | {from_m} | {verdicts.get(lab, ('–',))[0]} |")
     md = [header("Table 2 at the tiny scale: the response to λ, and the theory's prediction", args, folders),
           missing_markdown(missing), "",
+          *([f"Cells with fewer than {args.seeds2} finished seeds stay off the curves, the figure and the measured "
+             f"break-even until they finish (they are in the table): {', '.join(off_curve)}.", ""] if off_curve else []),
           "Policy and ce at fixed λ ∈ {" + ", ".join(f"{v:g}" for v in FIXED_LAMBDAS) + "}, occ at λ_plus ∈ {"
           + ", ".join(f"{v:g}" for v in OCC_LAMBDA_PLUS) + "}, each against detach of the same seeds (same prompts per "
           "step; Table 1's runs reused where the settings match). Δ vs detach with a 95% bootstrap interval over seeds "

@@ -192,6 +192,12 @@ def test_response_curve_pairs_seeds_and_problems_and_locates_the_crossing():
     # a cell missing a seed: only the seeds every cell and the reference share are used
     del cells[3.0][3]
     assert response_curve(cells, ref, n_boot=10)["seeds"] == [0, 1, 2]
+    # a sweep still running: a cell with fewer seeds than planned stays out of the curve (named), instead
+    # of cutting every other cell down to the seeds it has
+    cells[1.0] = {0: cells[1.0][0]}
+    r = response_curve(cells, ref, n_boot=10, min_seeds=3)
+    assert r["lams"] == [0.03, 0.1, 0.3, 3.0] and r["seeds"] == [0, 1, 2] and r["left_out"] == [1.0]
+    assert response_curve(cells, ref, n_boot=10)["seeds"] == [0]  # without min_seeds: every cell, the seeds all share
 
 
 def test_prediction_recovers_l_eta_and_lambda_0_from_the_taylor_terms(tmp_path):

@@ -310,12 +310,15 @@ def break_even(lams, deltas) -> float:
 
 
 def response_curve(cells: dict[float, dict[int, np.ndarray]], ref: dict[int, np.ndarray], n_boot: int = 2000,
-                   seed: int = 0) -> dict | None:
+                   seed: int = 0, min_seeds: int = 1) -> dict | None:
     """Delta = cell - reference (per-run score vectors: per-problem correctness, or one number) at
     each lambda, with 95% intervals from ONE paired bootstrap shared by all lambdas (the same seeds,
     same problems in each replicate), and the break-even lambda (`break_even`) with its interval
-    from the same replicates. Seeds: those every cell and the reference have."""
-    lams = sorted(cells)
+    from the same replicates. Seeds: those every cell on the curve and the reference have. A cell
+    sharing fewer than `min_seeds` seeds with the reference (a sweep still running) stays off the
+    curve, named in `left_out`, rather than cutting the other cells down to its seeds."""
+    left_out = sorted(lam for lam in cells if len(set(cells[lam]) & set(ref)) < min_seeds)
+    lams = sorted(lam for lam in cells if lam not in left_out)
     seeds = sorted(set(ref).intersection(*[set(cells[lam]) for lam in lams])) if lams else []
     if not seeds:
         return None
@@ -333,12 +336,14 @@ def response_curve(cells: dict[float, dict[int, np.ndarray]], ref: dict[int, np.
     crossings = np.array([break_even(lams, b) for b in boots])
     be_lo, be_hi = _quantiles(crossings)
     return {"lams": lams, "seeds": seeds, "delta": point.tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
-            "break_even": break_even(lams, point), "break_even_lo": be_lo, "break_even_hi": be_hi}
+            "break_even": break_even(lams, point), "break_even_lo": be_lo, "break_even_hi": be_hi, "left_out": left_out}
 
 
-def measured_curves(runs: list[Run], regimes: list[str], reference: str = "detach", n_boot: int = 2000) -> dict:
+def measured_curves(runs: list[Run], regimes: list[str], reference: str = "detach", n_boot: int = 2000,
+                    min_seeds: int = 1) -> dict:
     """Per regime: the accuracy delta (points) and the final head acceptance delta against
-    `reference` over the regime's swept lambdas (`response_curve`)."""
+    `reference` over the regime's swept lambdas (`response_curve`; cells with fewer than `min_seeds`
+    finished seeds stay off the curve)."""
     groups: dict[str, dict[float, list[Run]]] = {}
     for r in runs:
         if r.finished:
@@ -350,7 +355,7 @@ def measured_curves(runs: list[Run], regimes: list[str], reference: str = "detac
         if not cells or not ref:
             continue
         acc = response_curve({lam: {r.seed: r.correct for r in rs} for lam, rs in cells.items()},
-                             {r.seed: r.correct for r in ref}, n_boot)
+                             {r.seed: r.correct for r in ref}, n_boot, min_seeds=min_seeds)
         accept = {lam: {r.seed: np.array([r.last_mean("mtp/acceptance")]) for r in rs
                         if r.last_mean("mtp/acceptance") is not None} for lam, rs in cells.items()}
         ref_acc = {r.seed: np.array([r.last_mean("mtp/acceptance")]) for r in ref
@@ -358,7 +363,7 @@ def measured_curves(runs: list[Run], regimes: list[str], reference: str = "detac
         if acc is None:
             continue
         acc = {**acc, **{k: [100 * v for v in acc[k]] for k in ("delta", "lo", "hi")}}
-        out[label] = {"accuracy": acc, "acceptance": response_curve(accept, ref_acc, n_boot),
+        out[label] = {"accuracy": acc, "acceptance": response_curve(accept, ref_acc, n_boot, min_seeds=min_seeds),
                       "acceptance_abs": {lam: _mean([r.last_mean("mtp/acceptance") for r in rs])
                                          for lam, rs in sorted(cells.items())},
                       "acceptance_ref": _mean([r.last_mean("mtp/acceptance") for r in ref])}
