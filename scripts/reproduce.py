@@ -229,7 +229,26 @@ def header(title: str, args, folders: list[str]) -> str:
     return (f"# {title}\n\n"
             f"Produced by `{args.command}` (tables built at commit `{code_commit(ROOT)}`); {took} on {platform.machine()} "
             f"({os.cpu_count()} CPU cores, torch {importlib.metadata.version('torch')}); runs under {where} "
-            f"({'committed without their checkpoints' if tracked else 'not committed'}).\n")
+            f"({'committed without their checkpoints' if tracked else 'not committed'}); {run_commits(folders)}.\n")
+
+
+def run_commits(folders: list[str]) -> str:
+    """The commits the runs were made at (each run's provenance.jsonl names the commit of every start and
+    resume), with how many runs each made part of."""
+    counts: dict[str, int] = {}
+    unrecorded = 0
+    for f in dict.fromkeys(folders):
+        for run in sorted(p for p in (RUNS / f).iterdir() if (p / ".hydra").is_dir()) if (RUNS / f).exists() else []:
+            prov = run / "provenance.jsonl"
+            if not prov.exists():
+                unrecorded += 1
+                continue
+            for c in dict.fromkeys(json.loads(line)["commit"] for line in prov.read_text().splitlines() if line.strip()):
+                counts[c] = counts.get(c, 0) + 1
+    plural = lambda n: f"{n} run" + ("s" if n != 1 else "")  # noqa: E731
+    parts = (["runs made at commit " + ", ".join(f"`{c}` ({plural(n)})" for c, n in counts.items())] if counts else []) + \
+        ([f"{plural(unrecorded)} from before runs recorded their commit"] if unrecorded else [])
+    return "; ".join(parts) or "no runs yet"
 
 
 def write_json(obj: dict, path: Path) -> None:

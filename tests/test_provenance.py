@@ -52,3 +52,21 @@ def test_the_benchmark_report_names_its_commit(tmp_path):
            "machine": machine, "settings": {}, "notes": []}
     bench.write_report(res, tmp_path)
     assert "Command: `python scripts/bench.py --only matmul` at commit `abc1234`" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_run_records_the_commit_of_each_start_and_resume(smoke_overrides, tmp_path):
+    """A run resumed across sessions may span commits: the run folder names each one with its step."""
+    import json
+
+    from occ_exp.trainer import train
+    from tests.conftest import compose_cfg
+
+    def short(steps):
+        return compose_cfg(smoke_overrides + ["model.warmstart.enabled=false", f"trainer.total_steps={steps}",
+                                              "trainer.eval_every=0", "trainer.final_eval_problems=4"])
+
+    train(short(1), tmp_path, log=lambda *_: None)
+    train(short(2), tmp_path, log=lambda *_: None)  # resumes from step 1
+    rows = [json.loads(line) for line in (tmp_path / "provenance.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["commit"] == code_commit(ROOT) for r in rows)

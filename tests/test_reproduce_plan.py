@@ -73,3 +73,15 @@ def test_values_option_names_a_value_the_table_does_not_sweep(rp, tmp_path, caps
         rp.main(["table2", "--plan", "--values", "3,2", "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--values: 2" in err and "0.03" in err and "10" in err  # what was wrong, and the values to use
+
+
+def test_the_report_header_names_the_commits_the_runs_were_made_at(rp, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for name, lines in {"a": ['{"step": 0, "commit": "aaa1111"}', '{"step": 25, "commit": "bbb2222"}'],
+                        "b": ['{"step": 0, "commit": "aaa1111"}'], "c": None}.items():
+        (runs / "t1" / name / ".hydra").mkdir(parents=True)
+        if lines:
+            (runs / "t1" / name / "provenance.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(rp, "RUNS", runs)
+    text = rp.header("T", type("A", (), {"command": "python scripts/reproduce.py table1"})(), ["t1"])
+    assert "runs made at commit `aaa1111` (2 runs), `bbb2222` (1 run); 1 run from before runs recorded their commit" in text

@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,16 @@ def code_commit(root: str | os.PathLike, exclude: tuple[str, ...] = ("results",)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
+
+
+def package_commit() -> str:
+    """`code_commit` of the source checkout occ_exp is imported from (src/occ_exp in a git tree);
+    for an installed package, which has no checkout, `unknown (occ_exp <version> installed)`."""
+    pkg = Path(__file__).resolve().parent
+    root = pkg.parents[1]
+    if pkg.parent.name == "src" and (root / "pyproject.toml").exists():
+        return code_commit(root)
+    try:
+        return f"unknown (occ_exp {version('occ-exp')} installed)"
+    except PackageNotFoundError:
+        return "unknown"
