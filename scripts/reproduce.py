@@ -49,9 +49,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from occ_exp.plot import figure4_analog, plot_dir, proxy_figure, response_figure  # noqa: E402
 from occ_exp.report import (  # noqa: E402
-    PAPER_TABLE1, cell_label, collect_runs, findings_markdown, fmt_lambda, measured_curves, mechanism_markdown, missing_cells,
-    missing_markdown, ordering_verdict, predicted_curve, proxy_markdown, proxy_observations, proxy_table,
-    regime_label, regime_table, seconds_per_step, steps_done, table_markdown, theory_verdict, write_csv,
+    PAPER_TABLE1, cell_label, collapsed_markdown, collapsed_runs, collect_runs, findings_markdown, fmt_lambda,
+    measured_curves, mechanism_markdown, missing_cells, missing_markdown, ordering_verdict, predicted_curve,
+    proxy_markdown, proxy_observations, proxy_table, regime_label, regime_table, seconds_per_step, steps_done,
+    table_markdown, theory_verdict, write_csv,
 )
 from occ_exp.runtime import JOBS_ENV, choose_threads, code_commit  # noqa: E402
 
@@ -303,9 +304,10 @@ def table1(args) -> None:
         row["paper"] = paper.get(row["label"])
     missing = missing_cells(runs, [(lab.split(" λ=")[0], s) for lab, s in sweep.cells()], regime_label)
     verdict = ordering_verdict(table)
+    collapsed = collapsed_runs(runs, regime_label)
     name = "table1_tiny" + args.out_suffix
     md = [header("Table 1 at the tiny scale" + (" (quick)" if args.quick else ""), args, [sweep.folder]),
-          missing_markdown(missing), "",
+          missing_markdown(missing), "", *([collapsed_markdown(collapsed), ""] if collapsed else []),
           "Final accuracy on the held-out countdown problems (points; avg@k of sampled answers, the paper's avg@32 at a "
           "smaller k), mean ± standard deviation over seeds; Δ vs detach with a 95% bootstrap interval over seeds "
           "(paired) and problems (paired); MTP acceptance = expected speculative acceptance of the depth-1 head over the "
@@ -322,7 +324,8 @@ def table1(args) -> None:
             for k, v in PAPER_TABLE1.items()], ""]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
     write_csv(table, args.results / f"{name}.csv")
-    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, verdict=verdict, paper=paper),
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, verdict=verdict, paper=paper,
+                       collapsed=collapsed),
                args.results / f"{name}.json")
     if any(r.rows for r in runs):
         plot_dir(RUNS / sweep.folder, out=args.results / f"figures{args.out_suffix}", smooth=5)
@@ -344,6 +347,7 @@ def table2(args) -> None:
             [f"occ λ={v:g}" for v in OCC_LAMBDA_PLUS]
     table = regime_table(runs, cell_label, order, n_boot=args.boot)
     missing = missing_cells(runs, [c for sw in sweeps for c in sw.cells()], cell_label)
+    collapsed = collapsed_runs(runs, cell_label)
     measured = measured_curves(runs, TABLE2_REGIMES, n_boot=args.boot, min_seeds=args.seeds2)
     off_curve = [f"{lab} λ={lam:g}" for lab, m in measured.items() for lam in m["accuracy"].get("left_out", [])]
     # the prediction for occ_exact too (its diagnosed steps are in Table 1's runs), beside occ's
@@ -369,7 +373,7 @@ def table2(args) -> None:
         from_m = (f"{fmt(m['break_even'], g)} [{fmt(m['break_even_lo'], g)}, {fmt(m['break_even_hi'], g)}]" if m else "–")
         theory_rows.append(f"| {lab} | {from_p} | {from_m} | {verdicts.get(lab, ('–',))[0]} |")
     md = [header("Table 2 at the tiny scale: the response to λ, and the theory's prediction", args, folders),
-          missing_markdown(missing), "",
+          missing_markdown(missing), "", *([collapsed_markdown(collapsed), ""] if collapsed else []),
           *([f"Cells with fewer than {args.seeds2} finished seeds stay off the curves, the figure and the measured "
              f"break-even until they finish (they are in the table): {', '.join(off_curve)}.", ""] if off_curve else []),
           "Policy and ce at fixed λ ∈ {" + ", ".join(f"{v:g}" for v in FIXED_LAMBDAS) + "}, occ at λ_plus ∈ {"
@@ -388,8 +392,8 @@ def table2(args) -> None:
           *[f"- **{lab}**: {status}: {text}." for lab, (status, text) in verdicts.items()], ""]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
     write_csv(table, args.results / f"{name}.csv")
-    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, measured=measured, predicted=predicted,
-                       verdicts=verdicts), args.results / f"{name}.json")
+    write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, collapsed=collapsed, measured=measured,
+                       predicted=predicted, verdicts=verdicts), args.results / f"{name}.json")
     print("\n".join(md))
 
 

@@ -392,3 +392,15 @@ def test_findings_with_a_regime_not_run_yet():
     assert "**policy** (untestable)" in md and "0.1: +0.2 [-1.6, +1.9]" in md
     assert "**occ_exact** (no data)" in md
     assert "Caveat" in md  # the policy row's eta came from the Taylor check
+
+
+def test_collapsed_runs_are_named_with_the_step_their_reward_stayed_at_zero_from():
+    from occ_exp.report import collapsed_markdown, collapsed_runs
+
+    healthy = [{"step": s, "reward/mean": 0.3 if s % 7 else 0.0} for s in range(1, 41)]  # a zero now and then
+    broken = [{"step": s, "reward/mean": 0.4 if s < 25 else (0.06 if s == 26 else 0.01)} for s in range(1, 41)]
+    runs = [_run("detach", 0, 0.5, rows=healthy), _run("ce", 1, 0.0, rows=broken)]
+    got = collapsed_runs(runs, regime_label)
+    assert got == [{"label": "ce", "seed": 1, "from_step": 27, "final_accuracy": 0.0}]
+    assert "ce: seed 1 (from step 27)" in collapsed_markdown(got)
+    assert collapsed_markdown([]) == ""

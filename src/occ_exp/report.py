@@ -270,6 +270,36 @@ def cell_label(run: Run) -> str:
     return label if label == "detach" else f"{label} λ={swept_lambda(run):g}"
 
 
+COLLAPSE_REWARD = 0.05  # a run whose batch reward stays under this to the end has collapsed
+
+
+def collapsed_runs(runs: list[Run], label_fn) -> list[dict]:
+    """The finished runs that collapsed: the mean batch reward of their last 10 steps is under
+    COLLAPSE_REWARD (almost no sampled answer right), with the step from which every step's reward
+    stayed under it."""
+    out = []
+    for r in runs:
+        steps = [(int(row["step"]), row["reward/mean"]) for row in r.rows if isinstance(row.get("reward/mean"), (int, float))]
+        tail = r.last_mean("reward/mean")
+        if not r.finished or tail is None or tail >= COLLAPSE_REWARD:
+            continue
+        above = [step for step, v in steps if v >= COLLAPSE_REWARD]
+        out.append({"label": label_fn(r), "seed": r.seed, "from_step": (max(above) + 1) if above else steps[0][0],
+                    "final_accuracy": r.accuracy})
+    return sorted(out, key=lambda c: (c["label"], c["seed"]))
+
+
+def collapsed_markdown(collapsed: list[dict]) -> str:
+    """One paragraph naming the collapsed runs (empty when none did)."""
+    if not collapsed:
+        return ""
+    by: dict[str, list[str]] = {}
+    for c in collapsed:
+        by.setdefault(c["label"], []).append(f"seed {c['seed']} (from step {c['from_step']})")
+    return (f"**{len(collapsed)} run(s) collapsed** (batch reward under {COLLAPSE_REWARD:g} from the step named to the "
+            "end; their final accuracy counts in the cells as it is): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by.items()) + ".")
+
+
 def missing_cells(runs: list[Run], expected: list[tuple[str, int]], label_fn) -> dict[str, list[int]]:
     """label -> seeds of the expected (label, seed) cells without a finished run (a sweep cut short)."""
     done = {(label_fn(r), r.seed) for r in runs if r.finished}
@@ -674,6 +704,8 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                 head = f"; head acceptance {r['acceptance']:.3f} vs detach {ref['acceptance']:.3f}"
             out.append(f"- **{label}**: Δ = {_ci(r, 'diff')} ({_resolved(r['diff_lo'], r['diff_hi'])}){pd}{head}")
         out += ["", t1.get("verdict") or "", ""]
+        if t1.get("collapsed"):
+            out += [collapsed_markdown(t1["collapsed"]), ""]
         if t1.get("missing"):
             out += [missing_markdown(t1["missing"]), ""]
     else:
@@ -705,6 +737,8 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                        "direction, while Adam preconditions it.")
         counts = {s: sum(1 for v in verdicts.values() if v[0] == s) for s in ("agree", "disagree", "untestable", "no data")}
         out += ["", "Summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", ""]
+        if t2.get("collapsed"):
+            out += [collapsed_markdown(t2["collapsed"]), ""]
         if t2.get("missing"):
             out += [missing_markdown(t2["missing"]), ""]
     else:
