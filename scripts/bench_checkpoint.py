@@ -35,6 +35,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from occ_exp import builders
 from occ_exp import distributed as D
+from occ_exp import runtime as occ_runtime
 from occ_exp.algo.coefficient import CoefficientState
 from occ_exp.algo.regimes import get_regime
 from occ_exp.checkpoint import save_checkpoint
@@ -42,7 +43,7 @@ from occ_exp.config import register_configs
 from occ_exp.learner import NonFiniteGuard, build_optimizer
 from occ_exp.models.loading import build_tiny_policy, save_policy
 from occ_exp.rollout.base import Rollout
-from occ_exp.runtime import code_commit, peak_rss_gib, reset_peak_rss
+from occ_exp.runtime import peak_rss_gib, reset_peak_rss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -114,7 +115,9 @@ def main(out: str, source: str, overrides: list[str]) -> None:
     peak = peak_rss_gib()
     mem = dist.all_gather_object({"rss_before_gib": base, "peak_gib": peak, "peak_rise_mib": (peak - base) * 1024})
     if dist.is_main:
-        commit = os.environ.get("BENCH_COMMIT") or code_commit(Path(builders.__file__).parents[2])
+        # package_commit is looked up only without BENCH_COMMIT: an older tree benched through PYTHONPATH
+        # (results/checkpoint_scale.md, "before") predates it and names its commit in BENCH_COMMIT
+        commit = os.environ.get("BENCH_COMMIT") or occ_runtime.package_commit()
         row = {"tree": str(Path(builders.__file__).parents[2]), "commit": commit,
                "format": "dcp" if (ckpt / "dcp").is_dir() else "trainer_state.pt (gathered on rank 0)",
                "world_size": dist.world_size, "source_dtype": source, "parameters": n_params,

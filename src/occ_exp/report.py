@@ -279,10 +279,10 @@ def collapsed_runs(runs: list[Run], label_fn) -> list[dict]:
     stayed under it."""
     out = []
     for r in runs:
-        steps = [(int(row["step"]), row["reward/mean"]) for row in r.rows if isinstance(row.get("reward/mean"), (int, float))]
         tail = r.last_mean("reward/mean")
         if not r.finished or tail is None or tail >= COLLAPSE_REWARD:
             continue
+        steps = [(int(row["step"]), row["reward/mean"]) for row in r.rows if isinstance(row.get("reward/mean"), (int, float))]
         above = [step for step, v in steps if v >= COLLAPSE_REWARD]
         out.append({"label": label_fn(r), "seed": r.seed, "from_step": (max(above) + 1) if above else steps[0][0],
                     "final_accuracy": r.accuracy})

@@ -166,8 +166,9 @@ def set_up(cfg: DictConfig, run_dir: Path, log, stop: GracefulStop | None = None
                    log=log)
         rollout.sync_weights()
     policy.temperature = cfg.algorithm.temperature  # the learner's log-probs at the sampler's (warm-ups ran at 1)
-    commit = package_commit() if dist.is_main else "unknown"  # the main rank's tracker names it
+    commit = "unknown"  # only the main rank's tracker logs it
     if dist.is_main:  # the code of each start: a run resumed across sessions may span commits
+        commit = package_commit()
         with open(run_dir / "provenance.jsonl", "a") as f:
             f.write(json.dumps({"step": run.start, "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     run.tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
