@@ -29,8 +29,10 @@ N = 4
 # Small but not trivial: the overlong penalty gives non-zero advantages (so every update moves the
 # weights, depending on the sampled tokens), regime.ema makes the OCC estimator stateful, and
 # evaluations run on steps 2 and 4.
+# Bit-exact on the CPU means at one thread count: trainer.threads is pinned, so every launch runs the
+# same kernels whatever cores the host has and however many pytest-xdist workers share them.
 BASE = ["experiment=smoke", "trainer.progress=false", f"trainer.total_steps={N}", "trainer.save_every=2",
-        "trainer.eval_every=2", "algorithm.overlong_buffer=32", "regime=occ", "regime.ema=0.5"]
+        "trainer.eval_every=2", "algorithm.overlong_buffer=32", "regime=occ", "regime.ema=0.5", "trainer.threads=1"]
 
 
 def run_cli(run_dir: Path, cache_dir: Path, fault: str | None = None, extra=(), plots: bool = False) -> subprocess.CompletedProcess:
@@ -106,6 +108,11 @@ def straight(tmp_path_factory, cache_dir) -> Path:
     return run_dir
 
 
+def thread_lines(outputs: list[str]) -> str:
+    """What each launch printed about its torch threads (named when a comparison fails)."""
+    return "; ".join(next((l.strip() for l in o.splitlines() if "torch threads:" in l), "?") for o in outputs)
+
+
 CLI_OUTPUT: dict[Path, str] = {}  # what the straight run printed
 
 
@@ -137,12 +144,14 @@ def test_fault_chain_equals_straight_run(straight, cache_dir, tmp_path):
     leftovers = []
 
     p = run_cli(run, cache_dir, fault="sigterm_during_step:1")
+    outputs = [CLI_OUTPUT[straight], p.stderr]
     assert p.returncode == 0, p.stderr[-2000:]
     assert "stopped after step 1" in p.stderr
     assert [s for s, _ in list_checkpoints(run)] == [1]
     leftovers += leftover_processes(p.marker)
 
     p = run_cli(run, cache_dir, fault="kill_during_save:2")
+    outputs.append(p.stderr)
     assert p.returncode == -9
     assert "resumed from" in p.stderr and "step_000001 at step 1" in p.stderr
     assert list((run / "checkpoints").glob(".tmp_step_000002_*")), "the kill should leave a partial save"
@@ -150,6 +159,7 @@ def test_fault_chain_equals_straight_run(straight, cache_dir, tmp_path):
     leftovers += leftover_processes(p.marker)
 
     p = run_cli(run, cache_dir, fault="kill_after_step:3")
+    outputs.append(p.stderr)
     assert p.returncode == -9
     assert "step_000001 at step 1" in p.stderr
     assert [r["step"] for r in rows(run)][-1] == 3  # step 3 was logged, but only step 2 is saved
@@ -158,10 +168,16 @@ def test_fault_chain_equals_straight_run(straight, cache_dir, tmp_path):
     leftovers += leftover_processes(p.marker)
 
     p = run_cli(run, cache_dir)
+    outputs.append(p.stderr)
     assert "step_000002 at step 2" in p.stderr and "done" in p.stderr
     leftovers += leftover_processes(p.marker)
 
-    assert rows(run) == rows(straight)  # every step once, every metric equal
+    # the step-2 checkpoint (saved by the third launch) first: a difference there is in the resumed
+    # run's step 2, one after it in the last launch's step 3
+    threads = f"threads per launch (straight, then the chain): {thread_lines(outputs)}"
+    ckpt2 = dict(list_checkpoints(run))[2], dict(list_checkpoints(straight))[2]
+    assert sha(ckpt2[0] / "model" / "model.safetensors") == sha(ckpt2[1] / "model" / "model.safetensors"), threads
+    assert rows(run) == rows(straight), threads  # every step once, every metric equal
     assert_same_state(latest_complete(run), latest_complete(straight))
     assert leftovers == []
     record("resume", "fault_chain", launches=4, resumes=3, sigterm=1, sigkill_during_save=1, sigkill_after_step=1,
