@@ -26,8 +26,8 @@ test: ## the test suite CI runs (CPU; TEST_WORKERS=2 pytest-xdist workers share 
 test-all: ## every test, the `heavy` ones too (learning, compile equivalence, SmolLM2 RL, toy GPU check, two resume chains; ~+30 min on 2 cores)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
-reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), then results/reliability.md
-	$(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \
+reliability: ## the reliability tests (kills, resumes, hostile inputs, faults), recorded into results/, then results/reliability.md
+	OCC_EXP_RELIABILITY_DIR=$(CURDIR)/results $(PY) -m pytest -q tests/test_resume.py tests/test_checkpoint.py tests/test_tracking.py \
 		tests/test_numerical_guards.py tests/test_verifier_fuzz.py tests/test_bad_input.py tests/test_config.py \
 		tests/test_preemption.py tests/test_distributed_faults.py
 	$(PY) scripts/reliability_report.py

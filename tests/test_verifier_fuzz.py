@@ -3,12 +3,11 @@
 About 2,000 deterministic (seeded) hostile responses go through one Verifier with a
 short per-item timeout.  The test checks bounded latency, no false positives, that
 no injected command ran, that the pool survives, and that close() leaves no worker
-behind.  Counts are written to results/verifier_fuzz.json for the reliability report.
+behind.  Counts are written to results/verifier_fuzz.json for the reliability report (under `make reliability`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -22,6 +21,7 @@ import psutil
 import pytest
 
 from occ_exp.reward.verifier import MAX_ANSWER_CHARS, Verifier, extract_answer
+from tests.reliability_log import write_report
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -43,7 +43,6 @@ def _slowdown() -> float:
 MARKER = "occ_pwned"
 GOLD = "7"
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "results" / "verifier_fuzz.json"
 MB = 1 << 20
 
 
@@ -356,7 +355,6 @@ def test_hostile_inputs() -> None:
     assert _marker_files() == markers_before
     assert Path.home().exists() == home_existed
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "test": "tests/test_verifier_fuzz.py::test_hostile_inputs",
         "seed": SEED,
@@ -373,4 +371,4 @@ def test_hostile_inputs() -> None:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_report("verifier_fuzz.json", report)
