@@ -235,7 +235,7 @@ def test_two_rank_training_run_writes_metrics_and_resumes(tmp_path):
         return _torchrun(["-m", "occ_exp.train", "experiment=smoke", "model.warmstart.enabled=false",
                           "trainer.device=cpu", "trainer.save_every=1", f"hydra.run.dir={run}",
                           f"paths.cache_dir={tmp_path / 'cache'}", "trainer.progress=false", "trainer.total_steps=2",
-                          "regime=occ", "regime.ema=0.5"], timeout=300, **env)
+                          "regime=occ", "regime.ema=0.5", "trainer.threads=1"], timeout=300, **env)  # bit-exact: one thread count
 
     def rows(run):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
