@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from occ_exp.config import register_configs
-from occ_exp.runtime import JOBS_ENV
+from occ_exp.runtime import JOBS_ENV, choose_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -29,7 +29,7 @@ os.environ.setdefault("OCC_EXP_PLOTS", "0")  # no figures after every CLI run (t
 # gives the same share to the work tests do outside a run
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault(JOBS_ENV, str(_workers))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1) // _workers)))
+os.environ.setdefault("OMP_NUM_THREADS", str(choose_threads().threads))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 register_configs()
 
