@@ -70,3 +70,33 @@ def test_a_run_records_the_commit_of_each_start_and_resume(smoke_overrides, tmp_
     rows = [json.loads(line) for line in (tmp_path / "provenance.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["commit"] == code_commit(ROOT) for r in rows)
+
+
+def test_a_resume_at_another_thread_count_says_it_is_not_bit_exact(smoke_overrides, tmp_path):
+    """Bit-exact resume on the CPU holds at one thread count (and one torch build and device): a
+    resume that differs says so, naming the setting that would match; one that matches says nothing."""
+    import json
+
+    import torch
+
+    from occ_exp.trainer import train
+    from tests.conftest import compose_cfg
+
+    def short(steps, threads):
+        return compose_cfg(smoke_overrides + ["model.warmstart.enabled=false", f"trainer.total_steps={steps}",
+                                              "trainer.eval_every=0", "trainer.final_eval_problems=4",
+                                              f"trainer.threads={threads}"])
+
+    before = torch.get_num_threads()
+    try:
+        logs: list[str] = []
+        train(short(1, 1), tmp_path, log=lambda *a: logs.append(" ".join(map(str, a))))
+        train(short(2, 1), tmp_path, log=lambda *a: logs.append(" ".join(map(str, a))))
+        assert not any("not bit-exact" in line for line in logs), logs
+        train(short(3, 2), tmp_path, log=lambda *a: logs.append(" ".join(map(str, a))))
+    finally:
+        torch.set_num_threads(before)
+    notes = [line for line in logs if "not bit-exact" in line]
+    assert len(notes) == 1 and "1 torch thread(s)" in notes[0] and "trainer.threads=1" in notes[0], notes
+    rows = [json.loads(line) for line in (tmp_path / "provenance.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in rows] == [1, 1, 2] and all(r["torch"] == torch.__version__ for r in rows)

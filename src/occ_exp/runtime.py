@@ -22,6 +22,7 @@ OCC_EXP_PARALLEL_JOBS=<n> there, or set trainer.threads explicitly (which always
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -254,3 +255,29 @@ def package_commit() -> str:
         return f"unknown (occ_exp {version('occ-exp')} installed)"
     except PackageNotFoundError:
         return "unknown"
+
+
+# -- each start of a run: what made it, and whether a resume can be bit-exact ----------------------
+NUMERICS_KEYS = ("threads", "torch", "device")  # what changes float rounding on the same code and data
+
+
+def record_start(path: Path, step: int, commit: str, threads: int, device) -> str | None:
+    """Append this start of a run ({step, commit, time, threads, torch, device}) to the run's
+    provenance.jsonl; on a resume, return a one-line note when a setting that changes float rounding
+    differs from the previous start's (the continuation is then not bit-exact), else None."""
+    row = {"step": step, "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": int(threads),
+           "torch": torch.__version__, "device": torch.device(device).type}
+    previous = None
+    if step > 0 and path.exists():
+        lines = path.read_text().splitlines()
+        previous = json.loads(lines[-1]) if lines else None
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    changed = [k for k in NUMERICS_KEYS if previous is not None and k in previous and previous[k] != row[k]]
+    if not changed:
+        return None
+    was = ", ".join(f"{previous[k]} torch thread(s)" if k == "threads" else f"{k} {previous[k]}" for k in changed)
+    now = ", ".join(str(row[k]) for k in changed)
+    fix = f" (set trainer.threads={previous['threads']} to match)" if "threads" in changed else ""
+    return (f"note: this run's previous start ran with {was}, this one with {now}: the steps from {step} on are "
+            f"not bit-exact with an uninterrupted run{fix}")

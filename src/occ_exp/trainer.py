@@ -21,7 +21,6 @@ advantage to optimiser steps, is occ_exp.learner), and `train` loops, logs and c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import warnings
@@ -49,7 +48,7 @@ from occ_exp.reward.rewards import reward_kind
 from occ_exp.rollout import build_rollout
 from occ_exp.rollout.base import Rollout, recompute_logp_old_needed
 from occ_exp.rollout.dynamic_sampling import GroupFilter, group_multiple
-from occ_exp.runtime import PhaseTimer, package_commit, seed_everything, set_threads
+from occ_exp.runtime import PhaseTimer, package_commit, record_start, seed_everything, set_threads
 from occ_exp.tracking import Tracker
 from occ_exp.validation import validate
 from occ_exp.warmstart import mtp_warmup
@@ -167,10 +166,11 @@ def set_up(cfg: DictConfig, run_dir: Path, log, stop: GracefulStop | None = None
         rollout.sync_weights()
     policy.temperature = cfg.algorithm.temperature  # the learner's log-probs at the sampler's (warm-ups ran at 1)
     commit = "unknown"  # only the main rank's tracker logs it
-    if dist.is_main:  # the code of each start: a run resumed across sessions may span commits
+    if dist.is_main:  # the code of each start (a run resumed across sessions may span commits), its threads
         commit = package_commit()
-        with open(run_dir / "provenance.jsonl", "a") as f:
-            f.write(json.dumps({"step": run.start, "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        note = record_start(run_dir / "provenance.jsonl", run.start, commit, threads.threads, device)
+        if note:
+            log(note)
     run.tracker = Tracker(cfg.logger if dist.is_main else OmegaConf.create({"name": "none"}), run_dir,
                           {**OmegaConf.to_container(cfg, resolve=True), "code_commit": commit}, resume_step=run.start,
                           run_id=wandb_id)
