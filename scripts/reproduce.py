@@ -215,8 +215,12 @@ def run_seconds(out: Path) -> float:
     return float(json.loads(f.read_text())["seconds"]) if f.exists() else 0.0
 
 
-def load(folders: list[str]) -> list:
-    return [r for f in dict.fromkeys(folders) if (RUNS / f).exists() for r in collect_runs(RUNS / f)]
+def load(folders: list[str], finished: bool = True) -> list:
+    """The runs in these sweep folders; the reports read finished runs only (a run still training has
+    diagnosed steps but no final evaluation: a report must not depend on when it was built), the
+    plan every run (how far each has got)."""
+    return [r for f in dict.fromkeys(folders) if (RUNS / f).exists() for r in collect_runs(RUNS / f)
+            if r.finished or not finished]
 
 
 def header(title: str, args, folders: list[str]) -> str:
@@ -469,7 +473,7 @@ def plan(sweeps: list[Sweep], args) -> None:
     measured = seconds_per_step(RUNS)
     cells, seen = [], set()
     for sw in selected(sweeps):
-        done = steps_done(load([sw.folder]))
+        done = steps_done(load([sw.folder], finished=False))
         for label, seed in sw.cells():
             if (sw.folder, label, seed) in seen:
                 continue

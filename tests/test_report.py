@@ -344,6 +344,24 @@ def test_reproduce_report_only_writes_every_results_file(tmp_path, capsys):
     assert csv_head.endswith(",paper")
 
 
+def test_a_report_built_while_a_sweep_runs_reads_only_finished_runs(tmp_path):
+    """A run still training (no eval.json yet) has diagnosed steps in its metrics; the prediction and
+    the proxy's table must not take them in, or a report would depend on when it was built."""
+    rep = _reproduce()
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    _write_sweeps(runs)
+    common = ["--steps", "20", "--seeds", "3", "--runs", str(runs), "--results", str(res), "--report-only",
+              "--boot", "50"]
+    assert rep.main(["table2", *common]) == 0 and rep.main(["proxy", *common]) == 0
+    before = rep.read_json(res / "table2_tiny_20steps.json")["predicted"], (res / "proxy_tiny_20steps.md").read_text()
+    # policy λ=0.3 seed 0 again, still running: other exact terms (v2 = 1), no final evaluation
+    write_run(runs / "table2_20steps" / "running", regime="policy", seed=0, coef=0.3, v2=1.0, steps=20, finished=False)
+    assert rep.main(["table2", *common]) == 0 and rep.main(["proxy", *common]) == 0
+    after = rep.read_json(res / "table2_tiny_20steps.json")["predicted"], (res / "proxy_tiny_20steps.md").read_text()
+    assert after[0] == before[0]
+    assert after[1].split("\n", 3)[3] == before[1].split("\n", 3)[3]  # all but the header (command, commit)
+
+
 def test_reproduce_plan_counts_what_is_left(tmp_path, capsys):
     rep = _reproduce()
     runs = tmp_path / "runs"
