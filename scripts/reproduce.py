@@ -186,7 +186,7 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     steps = [f"trainer.total_steps={args.steps}"]
     for sw in selected(sweeps):
         out = RUNS / sw.folder
-        done = {(cell_label(r), r.seed) for r in collect_runs(out) if r.finished} if out.exists() else set()
+        done = {(cell_label(r), r.seed) for r in load([sw.folder])}  # finished runs
         for over in sw.overrides(done):
             t0 = time.time()
             try:
