@@ -422,3 +422,23 @@ def test_collapsed_runs_are_named_with_the_step_their_reward_stayed_at_zero_from
     assert got == [{"label": "ce", "seed": 1, "from_step": 27, "final_accuracy": 0.0}]
     assert "ce: seed 1 (from step 27)" in collapsed_markdown(got)
     assert collapsed_markdown([]) == ""
+
+
+def _occ_t2(lo: float, hi: float) -> dict:
+    occ = {"L_eta": 33.4, "L_eta_lo": -4.6, "L_eta_hi": 41.4, "eta_source": "update/gradient norm", "c": -9.7e-5,
+           "v2": 1.1e-5, "steps": 120, "lambda_0": 17.2, "lambda_0_lo": lo, "lambda_0_hi": hi}
+    return {"file": "results/table2_tiny.md", "command": "python scripts/reproduce.py table2", "commit": "abc",
+            "verdicts": {"occ": ["untestable", "no break-even inside the grid"]}, "predicted": {"occ": occ},
+            "measured": {"occ": {"accuracy": {"lams": [1.0], "delta": [-1.0], "lo": [-2.9], "hi": [0.7]}}},
+            "missing": []}
+
+
+def test_findings_suggest_the_theorys_lambda_plus_only_when_its_interval_is_resolved():
+    """The suggestion used to read "λ0/2 = 8.61 [0, inf]: start there": an optimum whose interval
+    spans every lambda is no guidance, and a researcher would have started a 128-GPU run there."""
+    unresolved = findings_markdown(None, _occ_t2(0.0, math.inf), None, "python scripts/reproduce.py findings", "abc")
+    line = next(s for s in unresolved.splitlines() if s.startswith("- λ_plus"))
+    assert "start there" not in line and "not resolved" in line and "8.6" in line
+    resolved = findings_markdown(None, _occ_t2(4.0, 30.0), None, "python scripts/reproduce.py findings", "abc")
+    line = next(s for s in resolved.splitlines() if s.startswith("- λ_plus"))
+    assert "λ0/2 = 8.6 [2, 15]: start there" in line

@@ -781,9 +781,13 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                     and math.isfinite(p.get("lambda_0", math.nan)) and 0 < p["lambda_0"]]
             if pred:
                 lab, p = pred[0]
-                out.append(f"- λ_plus: no measured value is resolved above detach; the theory's optimum from {lab}'s "
-                           f"terms is λ0/2 = {p['lambda_0'] / 2:.3g} [{p['lambda_0_lo'] / 2:.3g}, "
-                           f"{p['lambda_0_hi'] / 2:.3g}]: start there.")
+                opt = (f"λ0/2 = {p['lambda_0'] / 2:.2g} [{p['lambda_0_lo'] / 2:.2g}, {p['lambda_0_hi'] / 2:.2g}]")
+                if 0 < p["lambda_0_lo"] and math.isfinite(p["lambda_0_hi"]):
+                    out.append(f"- λ_plus: no measured value is resolved above detach; the theory's optimum from {lab}'s "
+                               f"terms is {opt}: start there.")
+                else:  # an interval reaching 0 or infinity is no guidance
+                    out.append(f"- λ_plus: no measured value is resolved above detach, and the theory's optimum from "
+                               f"{lab}'s terms is not resolved ({opt}): keep the paper's.")
             else:
                 out.append("- λ_plus: neither the measured curve nor the theory places an optimum; keep the paper's.")
     if len(out) == n_before:
