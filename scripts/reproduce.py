@@ -52,7 +52,7 @@ from occ_exp.report import (  # noqa: E402
     PAPER_TABLE1, cell_label, collapsed_markdown, collapsed_runs, collect_runs, findings_markdown, fmt_lambda,
     measured_curves, mechanism_markdown, missing_cells, missing_markdown, ordering_verdict, predicted_curve,
     proxy_markdown, proxy_observations, proxy_table, regime_label, regime_table, seconds_per_step, steps_done,
-    table_markdown, theory_verdict, write_csv,
+    sign_check, sign_markdown, table_markdown, theory_verdict, write_csv,
 )
 from occ_exp.runtime import JOBS_ENV, choose_threads, code_commit  # noqa: E402
 
@@ -360,8 +360,11 @@ def table2(args) -> None:
                                   n_boot=args.boot // 2)
                  for lab in [*TABLE2_REGIMES, "occ_exact"]}
     grids = {"policy": FIXED_LAMBDAS, "ce": FIXED_LAMBDAS, "occ": OCC_LAMBDA_PLUS}
-    verdicts = {lab: theory_verdict(measured.get(lab, {}).get("accuracy"), predicted.get(lab), grids[lab])
-                for lab in TABLE2_REGIMES}
+    signs = {lab: sign_check(measured.get(lab, {}).get("accuracy"), predicted.get(lab)) for lab in TABLE2_REGIMES}
+    verdicts = {}
+    for lab in TABLE2_REGIMES:  # the break-even verdict, then the sign at each measured lambda
+        status, text = theory_verdict(measured.get(lab, {}).get("accuracy"), predicted.get(lab), grids[lab])
+        verdicts[lab] = (status, text + sign_markdown(signs[lab]))
     name = "table2_tiny" + args.out_suffix
     fig = response_figure(measured, {k: v for k, v in predicted.items() if v}, args.results / f"{name}.png",
                           "Table 2 at the tiny scale: response to λ (one line per regime)")
@@ -392,12 +395,14 @@ def table2(args) -> None:
           "(first − second order)/η² = (g + u/2)ᵀHu ≈ L(λc + λ²v2/2), pooled over steps; η is the optimiser's effective "
           "step (source in the table). Intervals: bootstrap over seeds and, within each, diagnosed steps. The measured "
           "break-even is where the accuracy delta crosses 0 (log-linear interpolation; '<' / '>' = outside the grid), "
-          "its interval from the same paired bootstrap as the deltas.", "", "\n".join(theory_rows), "",
+          "its interval from the same paired bootstrap as the deltas. The sign check tests the curve wherever it was "
+          "measured: at each λ, the sign of the measured delta against that of the predicted per-step gain, each "
+          "resolved only where its 95% interval excludes 0 (the predicted point's sign in brackets).", "", "\n".join(theory_rows), "",
           *[f"- **{lab}**: {status}: {text}." for lab, (status, text) in verdicts.items()], ""]
     (args.results / f"{name}.md").write_text("\n".join(md) + "\n")
     write_csv(table, args.results / f"{name}.csv")
     write_json(summary(args, f"{name}.md", args.seeds1, rows=table, missing=missing, collapsed=collapsed, measured=measured,
-                       predicted=predicted, verdicts=verdicts), args.results / f"{name}.json")
+                       predicted=predicted, verdicts=verdicts, signs=signs), args.results / f"{name}.json")
     print("\n".join(md))
 
 

@@ -105,7 +105,7 @@ import pytest  # noqa: E402
 
 from occ_exp.report import (  # noqa: E402
     agreement, break_even, cell_label, measured_curves, missing_cells, predicted_curve, proxy_observations,
-    proxy_table, regime_label, response_curve, spearman, theory_verdict,
+    proxy_table, regime_label, response_curve, sign_markdown, spearman, theory_verdict,
 )
 
 L_TRUE, ETA, N_PROBLEMS = 2.0, 0.01, 1000  # L*eta = 0.02
@@ -333,9 +333,11 @@ def test_reproduce_report_only_writes_every_results_file(tmp_path, capsys):
     t2 = (res / "table2_tiny_20steps.md").read_text()
     assert "All cells finished." in t2 and "| policy λ=3 | 3 |" in t2 and "| occ λ=10 | 3 |" in t2
     assert "- **policy**: agree:" in t2 and "- **ce**: agree:" in t2
+    assert "signs by λ" in t2 and "disagree at" not in t2  # the synthetic runs follow the theory exactly
     summary = rep.read_json(res / "table2_tiny_20steps.json")
     assert summary["predicted"]["policy"]["L_eta"] == pytest.approx(L_TRUE * ETA)
     assert summary["predicted"]["occ"]["lambda_0"] == pytest.approx(98.0)
+    assert [r["status"] for r in summary["signs"]["policy"] if r["measured"] != "0"] == ["agree"] * 5
     findings = (res / "FINDINGS_20steps.md").read_text()
     assert "**policy** (agree)" in findings and "L·η = 0.02" in findings
     assert "Suggestion for a real-scale run" in findings and "paper" in findings.split("Suggestion")[1]
@@ -442,3 +444,32 @@ def test_findings_suggest_the_theorys_lambda_plus_only_when_its_interval_is_reso
     resolved = findings_markdown(None, _occ_t2(4.0, 30.0), None, "python scripts/reproduce.py findings", "abc")
     line = next(s for s in resolved.splitlines() if s.startswith("- λ_plus"))
     assert "λ0/2 = 8.6 [2, 15]: start there" in line
+
+
+def test_sign_check_compares_measured_and_predicted_signs_at_each_lambda(tmp_path):
+    """The break-even verdict looks at one crossing; the sign check looks at every measured lambda: a
+    prediction that says "gain" where the measurement resolves a loss is a disagreement, and a
+    prediction whose interval spans 0 (ce: curvature along its direction not resolved) is named as
+    unresolved instead of counting as agreement."""
+    from occ_exp.report import sign_check
+
+    write_table2(tmp_path / "a", seeds=3)
+    runs = collect_runs(tmp_path / "a")
+    measured = measured_curves(runs, ["policy"], n_boot=300)["policy"]["accuracy"]
+    grid = np.geomspace(0.01, 30, 31)
+    pred = predicted_curve([r for r in runs if regime_label(r) == "policy"], grid, n_boot=100)
+    rows = sign_check(measured, pred)
+    assert [r["lam"] for r in rows] == [0.03, 0.1, 0.3, 1.0, 3.0]
+    assert {r["status"] for r in rows if r["measured"] != "0"} == {"agree"}
+    assert rows[-1]["measured"] == "−" and rows[-1]["predicted"] == "−"
+    # the same measurement against a prediction of lambda_0 = 9.8: a gain predicted where a loss is measured
+    write_table2(tmp_path / "b", seeds=2, policy_v2=20.0)
+    other = predicted_curve([r for r in collect_runs(tmp_path / "b") if regime_label(r) == "policy"], grid, n_boot=50)
+    rows = sign_check(measured, other)
+    assert rows[-1]["status"] == "disagree" and rows[-1]["predicted"] == "+"
+    # a prediction whose interval spans 0 is unresolved, whatever its point says
+    wide = {**pred, "gain_lo": [-1.0] * len(grid), "gain_hi": [1.0] * len(grid)}
+    assert {r["status"] for r in sign_check(measured, wide)} == {"unresolved"}
+    assert sign_check(None, pred) == [] and sign_check(measured, None) == []
+    text = sign_markdown(sign_check(measured, other))
+    assert "1 −/+(+), 3 −/+(+)" in text and "disagree at λ = 1, 3" in text and "at 3 of the 5 λ" in text

@@ -533,6 +533,46 @@ def theory_verdict(measured: dict | None, predicted: dict | None, grid) -> tuple
     return "disagree", f"{m} and {p} do not overlap"
 
 
+
+def _sign(lo: float, hi: float) -> str:
+    return "+" if lo > 0 else "−" if hi < 0 else "0"
+
+
+def sign_check(measured: dict | None, predicted: dict | None) -> list[dict]:
+    """At each measured lambda inside the prediction's grid: the sign of the measured accuracy delta
+    and of the predicted per-step gain (log-linear interpolation on the grid), each '+' / '−' where
+    its 95% interval excludes 0 and '0' where it does not. status: agree (both resolved, same sign),
+    disagree (both resolved, opposite signs) or unresolved. The break-even verdict tests one crossing;
+    this tests the curve's sign wherever it was measured."""
+    if not measured or not predicted or not predicted.get("gain"):
+        return []
+    grid = np.log(np.asarray(predicted["grid"], dtype=float))
+    rows = []
+    for lam, lo, hi in zip(measured["lams"], measured["lo"], measured["hi"]):
+        x = math.log(lam)
+        if not grid[0] <= x <= grid[-1]:
+            continue
+        g, g_lo, g_hi = (float(np.interp(x, grid, predicted[k])) for k in ("gain", "gain_lo", "gain_hi"))
+        m, p = _sign(lo, hi), _sign(g_lo, g_hi)
+        status = "unresolved" if "0" in (m, p) else "agree" if m == p else "disagree"
+        rows.append({"lam": lam, "measured": m, "predicted": p, "gain": g, "gain_lo": g_lo, "gain_hi": g_hi,
+                     "status": status})
+    return rows
+
+
+def sign_markdown(rows: list[dict]) -> str:
+    """'; signs ...' for a verdict sentence ('' without rows)."""
+    if not rows:
+        return ""
+    by = {s: ", ".join(f"{r['lam']:g}" for r in rows if r["status"] == s) for s in ("agree", "disagree", "unresolved")}
+    point = lambda r: "+" if r["gain"] > 0 else "−" if r["gain"] < 0 else "0"  # noqa: E731
+    resolved = [r for r in rows if r["measured"] != "0"]
+    return ("; signs by λ, measured/predicted ('0': its 95% interval includes 0; the predicted point's sign in "
+            "brackets): " + ", ".join(f"{r['lam']:g} {r['measured']}/{r['predicted']}({point(r)})" for r in rows)
+            + " — " + "; ".join(f"{s} at λ = {v}" for s, v in by.items() if v)
+            + (f"; the predicted point has the measured sign at {sum(point(r) == r['measured'] for r in resolved)} of "
+               f"the {len(resolved)} λ with a resolved measurement" if resolved else ""))
+
 # -- the proxy under the microscope ----------------------------------------------------------------
 # estimator -> the diag/ metric holding its lambda on a diagnosed mini-batch
 ESTIMATOR_METRICS = {"paper": "diag/lambda_proxy", "reference_code": "diag/lambda_reference_code",
