@@ -200,7 +200,8 @@ def measure_peak(n: int) -> dict:
 # -- the carried wheels ----------------------------------------------------------------------------
 # What the lent machine already has (KINDS.md's package list): never carried, never reinstalled.
 DEVICE_PROVIDES = {"torch", "transformers", "numpy", "sympy", "mpmath", "pyyaml", "packaging", "rich", "tqdm",
-                   "safetensors", "tokenizers", "huggingface-hub", "psutil", "importlib-resources", "dataclasses"}
+                   "safetensors", "tokenizers", "huggingface-hub", "psutil", "importlib-resources", "dataclasses",
+                   "typing-extensions"}  # torch needs it
 
 
 def _norm(name: str) -> str:

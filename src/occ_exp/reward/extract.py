@@ -167,7 +167,7 @@ def _normalise(s: str) -> str:
 
 
 def fast_verdict(pred: str, gold: str) -> float | None:
-    """Decide ``pred`` vs ``gold`` without math-verify when that is safe.
+    r"""Decide ``pred`` vs ``gold`` without math-verify when that is safe.
 
     Returns 1.0 / 0.0 only where math-verify is known to agree, otherwise None:
 
@@ -296,7 +296,7 @@ class _Parser:
         return False
 
     def product(self) -> _Form | None:
-        """factor ((\cdot | \times | * | implicit before a macro) factor)* [/ factor]"""
+        r"""factor ((\cdot | \times | * | implicit before a macro) factor)* [/ factor]"""
         value = self.factor()
         while value is not None:
             t = self.peek()
@@ -355,7 +355,7 @@ class _Parser:
 
 
 def exact_value(s: str) -> _Form | tuple[int, ...] | None:
-    """The exact value of a closed form, or None if ``s`` is anything else.
+    r"""The exact value of a closed form, or None if ``s`` is anything else.
 
     Accepted: an optional leading ``-`` and a product of integers, one decimal (alone),
     ``\frac{..}{..}`` (``\dfrac``, ``\tfrac``), ``\sqrt{integer}``, ``\pi`` and parenthesised
