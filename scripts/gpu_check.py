@@ -6,7 +6,9 @@
     python scripts/gpu_check.py wheels [DIR]         # are the carried wheels complete? (make gpu-wheels)
 
 Parts, each in its own processes with a hard time limit, each with its own status in the report
-(a part that fails or runs out of time leaves its error's last line there, and the others still run):
+(a part that fails or runs out of time leaves its error's last line there, and the others still run;
+one out of time first gets SIGABRT, so that under PYTHONFAULTHANDLER=1 each of its Python processes writes
+its threads' stacks into the part's log, kept in gpu_check/logs.txt without NCCL's heartbeat noise):
 
 - setup: where hydra / omegaconf / math-verify come from (the carried wheels), torch, the random
   model: Qwen2.5-0.5B's architecture (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate
@@ -271,7 +273,8 @@ def child_env(threads: int, extra: dict | None = None) -> dict:
     path = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else ""), "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}  # SIGABRT at a time-out: every Python process writes its threads' stacks
     env.update(extra or {})
     return env
 
@@ -312,6 +315,21 @@ def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
             p.wait()
 
 
+def dump_stacks(procs: list[subprocess.Popen], wait: float = 3.0) -> None:
+    """SIGABRT to each live process group: under PYTHONFAULTHANDLER=1 (child_env) every Python
+    process in it (torchrun's agent and workers, the verifier's pool) writes the stack of each of its
+    threads to its log before it ends: where a hung run was waiting."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        try:
+            os.killpg(p.pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + wait
+    while time.monotonic() < end and any(p.poll() is None for p in live):
+        time.sleep(0.1)
+
+
 class PartTimeout(RuntimeError):
     pass
 
@@ -328,8 +346,10 @@ def wait_all(procs: list[subprocess.Popen], deadline: float, what: str) -> None:
     """Wait for every process; past `deadline` end them all (PartTimeout). A non-zero exit is PartFailed."""
     while any(p.poll() is None for p in procs):
         if time.monotonic() > deadline:
+            dump_stacks(procs)
             stop(procs)
-            raise PartTimeout(f"{what}: still running at the part's time limit; ended")
+            raise PartTimeout(f"{what}: still running at the part's time limit; ended (its processes' Python "
+                              "stacks in its log)")
         time.sleep(0.5)
     bad = [p.returncode for p in procs if p.returncode != 0]
     if bad:
@@ -339,6 +359,31 @@ def wait_all(procs: list[subprocess.Popen], deadline: float, what: str) -> None:
 NOISE = ("torch.distributed.elastic", "ChildFailedError", "To enable traceback", "error_file:", "traceback :",
          "exitcode", "Root Cause", "Failures:", "<NO_OTHER_FAILURES>", "time      :", "host      :", "rank      :",
          "local_rank:", "Traceback (most recent call last)", "warnings.warn", "[W", "WARNING")
+
+
+# lines that crowd a log's end without saying anything about the run: NCCL's heartbeat monitor once
+# torchrun's agent (its TCPStore) is gone, C++ frames, Python 3.12's escape warnings and their source line
+HEARTBEAT_NOISE = re.compile(r"TCPStore|^frame #\d+:|^Exception raised from sendBytes|ProcessGroupNCCL\.cpp:\d+\]")
+
+
+def log_tail(text: str, n: int = 150) -> str:
+    """The last `n` lines of a part's log that say something: the NCCL heartbeat lines (and C++
+    frames, and SyntaxWarning pairs) are dropped and counted, so a time-out's tail still shows
+    how far the run got and its stacks."""
+    lines, dropped, skip_next = [], 0, False
+    for line in text.splitlines():
+        if skip_next:
+            skip_next, dropped = False, dropped + 1
+            continue
+        if "SyntaxWarning" in line:
+            skip_next, dropped = True, dropped + 1
+            continue
+        if HEARTBEAT_NOISE.search(line) or (not line.strip() and lines and not lines[-1].strip()):
+            dropped += 1
+            continue
+        lines.append(line)
+    note = [f"({dropped} lines of NCCL heartbeat / C++ frames / warnings dropped)"] if dropped else []
+    return "\n".join(lines[-n:] + note)
 
 
 def last_error_line(text: str) -> str:
@@ -922,8 +967,8 @@ class Check:
         with open(logs, "w") as f:  # the end of each part's log, for a failure's context
             for name in PARTS:
                 if self.log(name).exists():
-                    text = self.log(name).read_text(errors="replace").splitlines()
-                    f.write(f"===== {name} (last 150 lines)\n" + "\n".join(text[-150:]) + "\n")
+                    text = self.log(name).read_text(errors="replace")
+                    f.write(f"===== {name} (last 150 lines that say something)\n" + log_tail(text, 150) + "\n")
         bad = [n for n, p in self.parts.items() if p.status in ("failed", "timed out")]
         print(f"gpu_check: wrote {self.results / 'gpu_check.md'}; " + (f"parts not ok: {bad}" if bad else "all parts ok"))
         return 1 if bad else 0

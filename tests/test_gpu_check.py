@@ -179,3 +179,38 @@ def test_a_failing_part_still_yields_a_report(tmp_path):
     assert all(statuses[n] == "skipped" for n in ("setup", "peak", "a", "c", "d"))
     row = next(l for l in report.splitlines() if l.startswith(f"| {gpu_check.TITLES['b']} |"))
     assert "trainer.total_steps" in row  # the error's own line (the injected config error), not a traceback
+
+
+HEARTBEAT = """[rank0]:[W1204 15:58:15.352103881 TCPStore.cpp:106] [c10d] sendBytes failed on SocketImpl(fd=47): Broken pipe
+Exception raised from sendBytes at /pytorch/torch/csrc/distributed/c10d/Utils.hpp:653 (most recent call first):
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x9d (0x7f5a0e77305d in libc10.so)
+frame #1: <unknown function> + 0x6a90931 (0x7f5977a90931 in libtorch_cpu.so)
+
+[rank0]:[W1204 15:58:14.350527936 ProcessGroupNCCL.cpp:1826] [PG ID 0 PG GUID 0(default_pg) Rank 0] Failed to check the "should dump" flag on TCPStore, (maybe TCPStore server has shut down too early), with error: Broken pipe
+"""
+
+
+def test_a_logs_tail_keeps_the_lines_that_say_where_a_run_was():
+    """On the H200 the last 150 lines of a timed-out torchrun part were all NCCL's heartbeat complaining
+    after the launcher ended, so nothing said how far the run had got."""
+    text = "step 2 done\nstep 3 rollout\n" + HEARTBEAT * 40
+    text += "/x/extract.py:170: SyntaxWarning: invalid escape sequence '\\s'\n  \"\"\"Decide\n"
+    tail = gpu_check.log_tail(text, 150)
+    assert tail.splitlines()[:2] == ["step 2 done", "step 3 rollout"]
+    assert "frame #" not in tail and "TCPStore" not in tail and "SyntaxWarning" not in tail
+    assert "NCCL heartbeat" in tail  # the dropped lines are counted, not hidden
+
+
+def test_a_timed_out_part_leaves_every_python_stack_in_its_log(tmp_path):
+    """A part past its time limit gets SIGABRT first: with PYTHONFAULTHANDLER=1 (the parts' environment)
+    every Python process of it writes where each of its threads was, then it is ended."""
+    log = tmp_path / "hang.log"
+    code = "import time\ndef waiting_for_a_collective():\n    time.sleep(120)\nwaiting_for_a_collective()\n"
+    p = gpu_check.launch([sys.executable, "-c", code], log, gpu_check.child_env(1))
+    import time
+    time.sleep(3)  # started
+    with pytest.raises(gpu_check.PartTimeout, match="stacks in its log"):
+        gpu_check.wait_all([p], deadline=0.0, what="hang")
+    text = log.read_text()
+    assert "waiting_for_a_collective" in text and "most recent call first" in text
+    assert p.poll() is not None
