@@ -4,6 +4,7 @@ bootstrap, the Table 1 rows, the ordering verdict and the mechanism table."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -340,6 +341,7 @@ def test_reproduce_report_only_writes_every_results_file(tmp_path, capsys):
     assert [r["status"] for r in summary["signs"]["policy"] if r["measured"] != "0"] == ["agree"] * 5
     findings = (res / "FINDINGS_20steps.md").read_text()
     assert "**policy** (agree)" in findings and "L·η = 0.02" in findings
+    assert re.search(r"Sign check over the \d+ measured \(regime, λ\) cells: \d+ agree, 0 disagree", findings)
     assert "Suggestion for a real-scale run" in findings and "paper" in findings.split("Suggestion")[1]
     assert "per-mini-batch diagnostics" in findings  # only the last mini-batch is logged in these runs
     csv_head = (res / "table1_tiny_20steps.csv").read_text().splitlines()[0]

@@ -776,7 +776,14 @@ def findings_markdown(t1: dict | None, t2: dict | None, proxy: dict | None, comm
                        "the effective step; `--eta` sets it by hand). The theory is also about the raw gradient "
                        "direction, while Adam preconditions it.")
         counts = {s: sum(1 for v in verdicts.values() if v[0] == s) for s in ("agree", "disagree", "untestable", "no data")}
-        out += ["", "Summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", ""]
+        summary_line = "Summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "."
+        signs = [r for rows in (t2.get("signs") or {}).values() for r in rows]
+        if signs:  # the curve's sign wherever it was measured (sign_check)
+            n = {s: sum(r["status"] == s for r in signs) for s in ("agree", "disagree", "unresolved")}
+            summary_line += (f" Sign check over the {len(signs)} measured (regime, λ) cells: {n['agree']} agree, "
+                             f"{n['disagree']} disagree, {n['unresolved']} unresolved (the measured delta or the "
+                             "predicted gain has a 95% interval that includes 0).")
+        out += ["", summary_line, ""]
         if t2.get("collapsed"):
             out += [collapsed_markdown(t2["collapsed"]), ""]
         if t2.get("missing"):
