@@ -294,15 +294,21 @@ def launch(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return p
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM to each process group at once (a run finishes its step and checkpoints), SIGKILL
-    to what is left after `grace` seconds."""
+def signal_groups(procs: list[subprocess.Popen], sig: int) -> list[subprocess.Popen]:
+    """`sig` to the process group of each live process (launch() gives each its own); the live ones."""
     live = [p for p in procs if p.poll() is None]
     for p in live:
         try:
-            os.killpg(p.pid, signal.SIGTERM)
+            os.killpg(p.pid, sig)
         except ProcessLookupError:
             pass
+    return live
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to each process group at once (a run finishes its step and checkpoints), SIGKILL
+    to what is left after `grace` seconds."""
+    live = signal_groups(procs, signal.SIGTERM)
     end = time.monotonic() + grace
     for p in live:
         try:
@@ -319,12 +325,7 @@ def dump_stacks(procs: list[subprocess.Popen], wait: float = 3.0) -> None:
     """SIGABRT to each live process group: under PYTHONFAULTHANDLER=1 (child_env) every Python
     process in it (torchrun's agent and workers, the verifier's pool) writes the stack of each of its
     threads to its log before it ends: where a hung run was waiting."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        try:
-            os.killpg(p.pid, signal.SIGABRT)
-        except ProcessLookupError:
-            pass
+    live = signal_groups(procs, signal.SIGABRT)
     end = time.monotonic() + wait
     while time.monotonic() < end and any(p.poll() is None for p in live):
         time.sleep(0.1)
