@@ -34,3 +34,11 @@ def test_the_same_on_one_device_gives_the_numbers():
     batch = _batch("cpu")
     compute_advantages(batch, torch.tensor([1.0, 0.0, 1.0, 1.0]), CFG)
     assert batch.advantages[2:].abs().max() == 0 and batch.advantages[0] > 0 > batch.advantages[1]
+
+
+def test_the_trainers_scores_join_the_batch_on_its_device():
+    """sample_groups attaches the verifier's scores with set_rewards: the dynamic-sampling filter's
+    shaped reward and the ranks' gather meet them before compute_advantages runs."""
+    batch = _batch("meta")
+    batch.set_rewards(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert batch.rewards.device.type == "meta" and shaped_reward(batch, CFG).device.type == "meta"

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -207,7 +208,6 @@ def test_a_timed_out_part_leaves_every_python_stack_in_its_log(tmp_path):
     log = tmp_path / "hang.log"
     code = "import time\ndef waiting_for_a_collective():\n    time.sleep(120)\nwaiting_for_a_collective()\n"
     p = gpu_check.launch([sys.executable, "-c", code], log, gpu_check.child_env(1))
-    import time
     time.sleep(3)  # started
     with pytest.raises(gpu_check.PartTimeout, match="stacks in its log"):
         gpu_check.wait_all([p], deadline=0.0, what="hang")

@@ -4,8 +4,8 @@ bootstrap, the Table 1 rows, the ordering verdict and the mechanism table."""
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 
 import numpy as np
 from omegaconf import OmegaConf

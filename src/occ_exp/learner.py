@@ -258,10 +258,10 @@ def shaped_reward(batch: RolloutBatch, cfg) -> torch.Tensor:
 
 
 def compute_advantages(batch: RolloutBatch, rewards: torch.Tensor, cfg) -> None:
-    """batch.rewards (the verifier's scores, moved to the batch's device: the verifier scores on the
-    CPU) and batch.advantages: group-normalised shaped rewards."""
+    """batch.rewards (the verifier's scores, on the batch's device: RolloutBatch.set_rewards) and
+    batch.advantages: group-normalised shaped rewards."""
     a = cfg.algorithm
-    batch.rewards = rewards.to(batch.response_mask.device)
+    batch.set_rewards(rewards)
     batch.advantages = ADVANTAGES[a.advantage](shaped_reward(batch, cfg), a.group_size, a.adv_eps)
 
 

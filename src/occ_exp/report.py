@@ -533,7 +533,6 @@ def theory_verdict(measured: dict | None, predicted: dict | None, grid) -> tuple
     return "disagree", f"{m} and {p} do not overlap"
 
 
-
 def _sign(lo: float, hi: float) -> str:
     return "+" if lo > 0 else "−" if hi < 0 else "0"
 
@@ -555,8 +554,8 @@ def sign_check(measured: dict | None, predicted: dict | None) -> list[dict]:
         g, g_lo, g_hi = (float(np.interp(x, grid, predicted[k])) for k in ("gain", "gain_lo", "gain_hi"))
         m, p = _sign(lo, hi), _sign(g_lo, g_hi)
         status = "unresolved" if "0" in (m, p) else "agree" if m == p else "disagree"
-        rows.append({"lam": lam, "measured": m, "predicted": p, "gain": g, "gain_lo": g_lo, "gain_hi": g_hi,
-                     "status": status})
+        rows.append({"lam": lam, "measured": m, "predicted": p, "point": _sign(g, g), "gain": g, "gain_lo": g_lo,
+                     "gain_hi": g_hi, "status": status})
     return rows
 
 
@@ -565,13 +564,13 @@ def sign_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     by = {s: ", ".join(f"{r['lam']:g}" for r in rows if r["status"] == s) for s in ("agree", "disagree", "unresolved")}
-    point = lambda r: "+" if r["gain"] > 0 else "−" if r["gain"] < 0 else "0"  # noqa: E731
     resolved = [r for r in rows if r["measured"] != "0"]
     return ("; signs by λ, measured/predicted ('0': its 95% interval includes 0; the predicted point's sign in "
-            "brackets): " + ", ".join(f"{r['lam']:g} {r['measured']}/{r['predicted']}({point(r)})" for r in rows)
+            "brackets): " + ", ".join(f"{r['lam']:g} {r['measured']}/{r['predicted']}({r['point']})" for r in rows)
             + " — " + "; ".join(f"{s} at λ = {v}" for s, v in by.items() if v)
-            + (f"; the predicted point has the measured sign at {sum(point(r) == r['measured'] for r in resolved)} of "
+            + (f"; the predicted point has the measured sign at {sum(r['point'] == r['measured'] for r in resolved)} of "
                f"the {len(resolved)} λ with a resolved measurement" if resolved else ""))
+
 
 # -- the proxy under the microscope ----------------------------------------------------------------
 # estimator -> the diag/ metric holding its lambda on a diagnosed mini-batch

@@ -214,7 +214,7 @@ def sample_groups(run: Run, timer) -> tuple:
                 b = run.rollout.generate(format_prompts(problems, run.tokenizer, cfg.model.chat_template), G)
         with timer("reward"):
             scores, stats = run.reward_fn(b.texts, [problems[i] for i in b.prompt_index.tolist()])
-            b.rewards = scores.to(b.response_mask.device)  # the verifier's CPU scores beside the rollout's tensors
+            b.set_rewards(scores)
         return b, len(problems), stats
 
     if not a.dynamic_sampling:

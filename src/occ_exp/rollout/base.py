@@ -71,6 +71,11 @@ class RolloutBatch:
         fields.update(kw)
         return RolloutBatch(**fields)
 
+    def set_rewards(self, scores: torch.Tensor) -> None:
+        """The verifier's scores (computed on the CPU) as `rewards`, on the device of the batch's
+        other tensors: reward shaping, the group filter and the ranks' gather meet them there."""
+        self.rewards = scores.to(self.response_mask.device)
+
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
         """Rows `idx` (e.g. one mini-batch), keeping the widths."""
         rows = {n: (getattr(self, n)[idx] if getattr(self, n) is not None else None) for n in self._ROWS}
