@@ -290,6 +290,18 @@ FAST_PAIRS = [
     ("\\text{(C)}", "\\text{(C)}"),
     ("x=3", "x=3"),
     ("0/0", "0/0"),
+    # integer arithmetic (the countdown task's answers): + - * / and parentheses, usual precedence
+    ("(9-3)*(7-3)", "24"),
+    ("3*5+2", "17"),
+    ("15 - 4 / 2", "13"),
+    ("12/(4-1)", "4"),
+    ("6/2*3", "9"),
+    ("6/2/3", "1"),
+    ("-3+5", "2"),
+    ("8-5-1", "2"),
+    ("7+7+7", "20"),
+    ("1+2", "\\frac{6}{2}"),
+    ("10/4", "\\frac{5}{2}"),
 ]
 
 
@@ -315,6 +327,16 @@ def test_fast_path_decisions() -> None:
     assert fast_verdict("(1,2]", "(1, 2]") is None
     assert fast_verdict("x+1", "1+x") is None
     assert fast_verdict("", "") is None
+    # Integer arithmetic with the usual precedence, exactly (the countdown task's answers):
+    assert fast_verdict("(9-3)*(7-3)", "24") == 1.0
+    assert fast_verdict("3*5+2", "17") == 1.0
+    assert fast_verdict("3+5*2", "16") == 0.0
+    assert fast_verdict("14/(5-1)", "3") == 0.0  # 7/2, not integer division
+    assert fast_verdict("2(3+4)", "14") is None  # juxtaposition: left to math-verify
+    assert fast_verdict("3*-2+9", "3") == 1.0  # a sign after an operator
+    assert fast_verdict("-(2+3)*2", "-10") == 1.0
+    assert fast_verdict("5/(3-3)", "7") is None  # division by zero: left to math-verify
+    assert fast_verdict("1.5+1.5", "3") is None  # decimals are rounded by math-verify
 
 
 def test_fast_path_agrees_with_math_verify() -> None:

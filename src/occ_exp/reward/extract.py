@@ -177,9 +177,11 @@ def fast_verdict(pred: str, gold: str) -> float | None:
       exactly equal as decimals (``3`` vs ``3.0``, ``.5`` vs ``0.50``) -> 1.0;
     * both plain integers with ``|x| < 10**12`` that differ -> 0.0;
     * both exact closed forms (see :func:`exact_value`: products and one quotient of
-      integers, ``\frac``, ``\sqrt{n}`` and ``\pi``, or tuples of integers) -> equal values
-      1.0, different values 0.0; a lone decimal against a rational: exactly equal 1.0,
-      more than 1e-5 apart 0.0 (math-verify rounds floats to 6 places: nearer is left to it).
+      integers, ``\frac``, ``\sqrt{n}`` and ``\pi``, or tuples of integers; or, see
+      :func:`arithmetic_value`, integer arithmetic with ``+ - * /`` and parentheses, the
+      countdown task's answers) -> equal values 1.0, different values 0.0; a lone decimal
+      against a rational: exactly equal 1.0, more than 1e-5 apart 0.0 (math-verify rounds
+      floats to 6 places: nearer is left to it).
 
     Different decimals are *not* decided here: math-verify rounds floats (6 places),
     so ``0.3333333`` may equal ``1/3`` there.
@@ -204,7 +206,7 @@ def fast_verdict(pred: str, gold: str) -> float | None:
         if "." not in p and "." not in g and abs(dp) < _FAST_INT_LIMIT and abs(dg) < _FAST_INT_LIMIT:
             return 0.0
         return None
-    vp, vg = exact_value(p), exact_value(g)
+    vp, vg = _value(p), _value(g)
     if vp is None or vg is None:
         return None
     if isinstance(vp, tuple) or isinstance(vg, tuple):
@@ -386,6 +388,90 @@ def exact_value(s: str) -> _Form | tuple[int, ...] | None:
     if negative:
         value.coef = -value.coef
     return value
+
+
+def _value(s: str) -> _Form | tuple[int, ...] | None:
+    """The exact value of ``s`` as integer arithmetic or, failing that, as a closed form."""
+    q = arithmetic_value(s)
+    return _Form(q) if q is not None else exact_value(s)
+
+
+# Integer arithmetic: numerals without leading zeros, + - * /, parentheses, blanks between tokens
+_ARITH_TOKEN_RE = re.compile(r"\s*(?:(?P<num>0|[1-9][0-9]*)(?![0-9])|(?P<sym>[-+*/()]))")
+
+
+def arithmetic_value(s: str) -> Fraction | None:
+    """The exact value of integer arithmetic, or None if ``s`` is anything else.
+
+    Grammar (the usual precedence, left to right): ``expr = term (('+' | '-') term)*``,
+    ``term = atom (('*' | '/') atom)*``, ``atom = '-' atom | integer | '(' expr ')'``; integers
+    of at most 12 digits without leading zeros, at most 64 characters in all. ``/`` is exact
+    division. Left to math-verify (None): juxtaposition (``2(3+4)``), division by zero,
+    decimals, blanks between digits. math-verify reads the rest the same way
+    (tests/test_verifier.py checks random countdown answers against it).
+    """
+    if len(s) > _MAX_FORM_CHARS or _AMBIGUOUS_NUMERALS_RE.search(s):
+        return None
+    tokens: list[str] = []
+    pos, s = 0, s.rstrip()
+    while pos < len(s):
+        m = _ARITH_TOKEN_RE.match(s, pos)
+        if m is None:
+            return None
+        if m.group("num") is not None and len(m.group("num")) > _MAX_INT_DIGITS:
+            return None
+        tokens.append(m.group("num") or m.group("sym"))
+        pos = m.end()
+    if not tokens:
+        return None
+    i = 0
+
+    def peek() -> str | None:
+        return tokens[i] if i < len(tokens) else None
+
+    def expr() -> Fraction | None:
+        nonlocal i
+        value = term()
+        while value is not None and peek() in ("+", "-"):
+            op = tokens[i]
+            i += 1
+            rhs = term()
+            if rhs is None:
+                return None
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term() -> Fraction | None:
+        nonlocal i
+        value = atom()
+        while value is not None and peek() in ("*", "/"):
+            op = tokens[i]
+            i += 1
+            rhs = atom()
+            if rhs is None or (op == "/" and rhs == 0):
+                return None
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def atom() -> Fraction | None:
+        nonlocal i
+        t = peek()
+        if t is None:
+            return None
+        i += 1
+        if t == "-":  # a sign, also after an operator (3*-2): -(a*b) = (-a)*b, so it binds where it likes
+            value = atom()
+            return None if value is None else -value
+        if t == "(":
+            value = expr()
+            if value is None or peek() != ")":
+                return None
+            i += 1
+            return value
+        return Fraction(int(t)) if t.isdigit() else None
+
+    value = expr()
+    return value if value is not None and i == len(tokens) else None
 
 
 def _int_tuple(tokens: list[tuple[str, str]]) -> tuple[int, ...] | None:
