@@ -66,6 +66,22 @@ def test_reward_is_strict():
         rf.close()
     assert r.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert stats["reward/format_ok"] == pytest.approx(0.25)
+    assert rf.verifier.spawned_pids == []  # the fast path settled every answer: no worker process started
+
+
+def test_countdown_reward_starts_workers_only_for_what_the_fast_path_leaves():
+    from occ_exp.reward.rewards import CountdownReward
+
+    p = CountdownTask().problems(1, seed=0, split="test")[0]
+    a, b, c = p.numbers
+    rf = CountdownReward(timeout_s=5.0)
+    try:
+        assert rf([f"\\boxed{{{a}+{b}+{c}}}"], [p])[0].tolist() == [float(a + b + c == int(p.answer))]
+        assert rf.verifier.spawned_pids == []
+        rf([f"\\boxed{{{a}({b}+{c})}}"], [p])  # juxtaposition: math-verify's to read
+        assert len(rf.verifier.spawned_pids) == rf.verifier.num_workers
+    finally:
+        rf.close()
 
 
 def test_bad_knobs_are_refused():

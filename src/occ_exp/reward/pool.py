@@ -208,7 +208,10 @@ class WorkerPool:
         kill_grace_s: float = 0.2,
         worker_cache_size: int = 4096,
         max_wall_factor: float = 10.0,
+        start: bool = True,
     ) -> None:
+        """`start`: spawn the workers now (False: on the first :meth:`run` or :meth:`wait_ready`,
+        so a caller whose items never reach the pool never starts a process)."""
         if int(num_workers) < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
@@ -253,6 +256,13 @@ class WorkerPool:
         #: PIDs of every worker this pool started (for monitoring and tests).
         self.spawned_pids: list[int] = []
         self._workers: list[_Worker] = []
+        if start:
+            self._start()
+
+    def _start(self) -> None:
+        """Spawn the workers unless they were (idempotent)."""
+        if self._workers:
+            return
         try:
             for slot in range(self.num_workers):
                 self._workers.append(self._spawn(slot))
@@ -362,6 +372,7 @@ class WorkerPool:
         """Score every item; returns ``({idx: (score, flag)}, number of items retried)``."""
         if self._closed:
             raise RuntimeError("verifier pool is closed")
+        self._start()
         pending = self._chunks(work)
         run = _Run(results={}, remaining=len(work))
         try:
@@ -407,6 +418,9 @@ class WorkerPool:
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Block until every worker has warmed up and reported ready (True) or `timeout_s` passed
         (False). A worker past its warm-up ignores SIGTERM; one still starting does not yet."""
+        if self._closed:
+            raise RuntimeError("verifier pool is closed")
+        self._start()
         end = time.monotonic() + timeout_s
         run, pending = _Run(results={}, remaining=0), deque()
         while (starting := [w for w in self._workers if w.state == _STARTING]) and time.monotonic() < end:

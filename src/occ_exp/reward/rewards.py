@@ -23,10 +23,14 @@ from occ_exp.reward.verifier import Verifier, extract_answer
 
 
 class MathReward:
+    #: start the verifier's workers at construction, so they warm up while the model loads
+    START_WORKERS = True
+
     def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, verifier: Verifier | None = None):
         """`verifier`: share another reward's worker pool (this reward then leaves closing it to its owner)."""
         self._owns_verifier = verifier is None
-        self.verifier = verifier or Verifier(num_workers=num_workers, timeout_s=timeout_s)
+        self.verifier = verifier or Verifier(num_workers=num_workers, timeout_s=timeout_s,
+                                             start_workers=self.START_WORKERS)
 
     def _check(self, texts, problems):
         return [True] * len(texts)
@@ -64,6 +68,10 @@ def uses_numbers(answer: str | None, numbers: tuple[int, ...]) -> bool:
 
 
 class CountdownReward(MathReward):
+    # its answers are integer arithmetic, which the verifier's fast path settles: the workers
+    # start only if an answer is left to math-verify (a division by zero, say)
+    START_WORKERS = False
+
     def _check(self, texts, problems):
         return [uses_numbers(extract_answer(t), p.numbers) for t, p in zip(texts, problems)]
 

@@ -126,6 +126,9 @@ class Verifier:
         worker_cache_size: size of each worker's (answer, gold) result LRU.
         max_wall_factor: a stuck item is killed after ``max_wall_factor * timeout_s`` wall
             seconds even if it has not used ``timeout_s`` CPU seconds.
+        start_workers: start the workers now (they warm up while the caller does other work);
+            False: on the first pair the fast path leaves, so calls it settles whole never
+            start a process.
 
     Use as a context manager or call :meth:`close`.  Not fork-safe; calls to
     :meth:`score` from several threads are serialised.
@@ -147,6 +150,7 @@ class Verifier:
         poison_cache_size: int = 1024,
         worker_cache_size: int = 4096,
         max_wall_factor: float = 10.0,
+        start_workers: bool = True,
     ) -> None:
         self._closed = True  # until the pool exists (close() and __del__ check it)
         self.fast_path = bool(fast_path)
@@ -157,7 +161,7 @@ class Verifier:
             num_workers, timeout_s, chunk_size=chunk_size, max_chunk_size=max_chunk_size,
             soft_timeout=soft_timeout, max_memory_mb=max_memory_mb, start_method=start_method,
             startup_timeout_s=startup_timeout_s, kill_grace_s=kill_grace_s,
-            worker_cache_size=worker_cache_size, max_wall_factor=max_wall_factor,
+            worker_cache_size=worker_cache_size, max_wall_factor=max_wall_factor, start=start_workers,
         )
         self._closed = False
         # Close at interpreter exit, before multiprocessing's own exit handler (atexit runs in
