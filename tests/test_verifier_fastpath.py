@@ -58,15 +58,19 @@ def closed_form_pairs(seed: int, n: int) -> list[tuple[str, str]]:
     return out
 
 
+def disagreements(pairs: list[tuple[str, str]]) -> list[tuple]:
+    """The pairs whose fast verdict differs from math-verify's score (a worker, fast path off)."""
+    with Verifier(num_workers=2, timeout_s=10.0, fast_path=False) as slow:
+        res = slow.score([f"so \\boxed{{{p}}}" for p, _ in pairs], [g for _, g in pairs])
+    assert res.timeouts == 0
+    return [(p, g, fast_verdict(p, g), s) for (p, g), s in zip(pairs, res.scores) if fast_verdict(p, g) != s]
+
+
 def test_closed_form_fast_path_agrees_with_math_verify() -> None:
     pairs = [(p, g) for p, g in closed_form_pairs(seed=11, n=140) if fast_verdict(p, g) is not None]
     assert len(pairs) >= 120  # the fast path decides nearly all of these forms
     assert {fast_verdict(p, g) for p, g in pairs} == {0.0, 1.0}
-    with Verifier(num_workers=2, timeout_s=10.0, fast_path=False) as slow:
-        res = slow.score([f"so \\boxed{{{p}}}" for p, _ in pairs], [g for _, g in pairs])
-    assert res.timeouts == 0
-    wrong = [(p, g, fast_verdict(p, g), s) for (p, g), s in zip(pairs, res.scores) if fast_verdict(p, g) != s]
-    assert not wrong, wrong
+    assert disagreements(pairs) == []
 
 
 def countdown_pairs(seed: int, n: int) -> list[tuple[str, str]]:
@@ -117,8 +121,4 @@ def test_countdown_fast_path_agrees_with_math_verify() -> None:
     """(Offline, 3,000 pairs of the same generator: 2,904 decided, 0 disagreements.)"""
     pairs = [(p, g) for p, g in countdown_pairs(seed=1, n=200) if fast_verdict(p, g) is not None]
     assert {fast_verdict(p, g) for p, g in pairs} == {0.0, 1.0}
-    with Verifier(num_workers=2, timeout_s=10.0, fast_path=False) as slow:
-        res = slow.score([f"so \\boxed{{{p}}}" for p, _ in pairs], [g for _, g in pairs])
-    assert res.timeouts == 0
-    wrong = [(p, g, fast_verdict(p, g), s) for (p, g), s in zip(pairs, res.scores) if fast_verdict(p, g) != s]
-    assert not wrong, wrong
+    assert disagreements(pairs) == []

@@ -13,6 +13,7 @@ it against math-verify); everything else returns None and goes to the worker poo
 
 from __future__ import annotations
 
+import operator
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -397,6 +398,7 @@ def _value(s: str) -> _Form | tuple[int, ...] | None:
 
 
 # Integer arithmetic: numerals without leading zeros, + - * /, parentheses, blanks between tokens
+_ARITH_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _ARITH_TOKEN_RE = re.compile(r"\s*(?:(?P<num>0|[1-9][0-9]*)(?![0-9])|(?P<sym>[-+*/()]))")
 
 
@@ -429,29 +431,24 @@ def arithmetic_value(s: str) -> Fraction | None:
     def peek() -> str | None:
         return tokens[i] if i < len(tokens) else None
 
-    def expr() -> Fraction | None:
+    def chain(operand, ops: tuple[str, ...]) -> Fraction | None:
+        """operand (op operand)*, left to right; None on anything else or a division by zero."""
         nonlocal i
-        value = term()
-        while value is not None and peek() in ("+", "-"):
-            op = tokens[i]
+        value = operand()
+        while value is not None and peek() in ops:
+            op = _ARITH_OPS[tokens[i]]
             i += 1
-            rhs = term()
-            if rhs is None:
+            rhs = operand()
+            if rhs is None or (op is operator.truediv and rhs == 0):
                 return None
-            value = value + rhs if op == "+" else value - rhs
+            value = op(value, rhs)
         return value
 
+    def expr() -> Fraction | None:
+        return chain(term, ("+", "-"))
+
     def term() -> Fraction | None:
-        nonlocal i
-        value = atom()
-        while value is not None and peek() in ("*", "/"):
-            op = tokens[i]
-            i += 1
-            rhs = atom()
-            if rhs is None or (op == "/" and rhs == 0):
-                return None
-            value = value * rhs if op == "*" else value / rhs
-        return value
+        return chain(atom, ("*", "/"))
 
     def atom() -> Fraction | None:
         nonlocal i
