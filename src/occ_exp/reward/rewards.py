@@ -3,7 +3,8 @@
 `math` scores the extracted final answer against the gold answer with math-verify (in the
 verifier's process pool, with a per-item timeout). `countdown` (the tiny task) additionally
 requires the boxed expression to use exactly the given numbers, so boxing the target itself
-earns nothing; the value check is still math-verify's.
+earns nothing; the value check is the verifier's: its fast path evaluates the integer arithmetic
+exactly in this process (agreeing with math-verify), and what it leaves goes to math-verify.
 
 Both return the verifier's score (1 correct, 0 not): evaluation averages it as accuracy. The
 training reward is `scale_reward(score, reward.scale)`: `binary` keeps 1 / 0, `signed` gives
