@@ -62,7 +62,7 @@ class MathReward:
 
 def uses_numbers(answer: str | None, numbers: tuple[int, ...]) -> bool:
     """The countdown check: the boxed expression uses exactly the given numbers (as a multiset)
-    and only arithmetic characters; the value itself is math-verify's job."""
+    and only arithmetic characters; the value itself is the verifier's job."""
     if answer is None or not re.fullmatch(r"[0-9+\-*/() ]+", answer):
         return False
     return Counter(int(x) for x in re.findall(r"\d+", answer)) == Counter(numbers)
