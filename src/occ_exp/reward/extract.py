@@ -357,6 +357,24 @@ class _Parser:
         return None
 
 
+def _tokens(s: str, pattern: re.Pattern) -> list[tuple[str, str]] | None:
+    """``s`` as (group name, text) tokens of ``pattern``; None if anything is left unmatched, or
+    ``s`` is too long or has numerals math-verify reads differently (``1 000``, ``1,000``)."""
+    if len(s) > _MAX_FORM_CHARS or _AMBIGUOUS_NUMERALS_RE.search(s):
+        return None
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    s = s.rstrip()
+    while pos < len(s):
+        m = pattern.match(s, pos)
+        if m is None or m.end() == pos:
+            return None
+        kind = m.lastgroup or ""
+        tokens.append((kind, m.group(kind)))
+        pos = m.end()
+    return tokens
+
+
 def exact_value(s: str) -> _Form | tuple[int, ...] | None:
     r"""The exact value of a closed form, or None if ``s`` is anything else.
 
@@ -365,18 +383,9 @@ def exact_value(s: str) -> _Form | tuple[int, ...] | None:
     groups, joined by ``\cdot``, ``\times``, ``*`` or juxtaposition before a macro,
     with at most one trailing ``/ factor``; or a parenthesised tuple of two or more integers.
     """
-    if len(s) > _MAX_FORM_CHARS or _AMBIGUOUS_NUMERALS_RE.search(s):
+    tokens = _tokens(s, _TOKEN_RE)
+    if tokens is None:
         return None
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    s = s.rstrip()
-    while pos < len(s):
-        m = _TOKEN_RE.match(s, pos)
-        if m is None or m.end() == pos:
-            return None
-        kind = m.lastgroup or ""
-        tokens.append((kind, m.group(kind)))
-        pos = m.end()
     if tokens and tokens[0][1] == "(" and any(t[1] == "," for t in tokens):
         return _int_tuple(tokens)
     if any(t[1] == "," for t in tokens):
@@ -410,65 +419,48 @@ def arithmetic_value(s: str) -> Fraction | None:
     of at most 12 digits without leading zeros, at most 64 characters in all. ``/`` is exact
     division. Left to math-verify (None): juxtaposition (``2(3+4)``), division by zero,
     decimals, blanks between digits. math-verify reads the rest the same way
-    (tests/test_verifier.py checks random countdown answers against it).
+    (tests/test_verifier_fastpath.py checks random countdown answers against it).
     """
-    if len(s) > _MAX_FORM_CHARS or _AMBIGUOUS_NUMERALS_RE.search(s):
-        return None
-    tokens: list[str] = []
-    pos, s = 0, s.rstrip()
-    while pos < len(s):
-        m = _ARITH_TOKEN_RE.match(s, pos)
-        if m is None:
-            return None
-        if m.group("num") is not None and len(m.group("num")) > _MAX_INT_DIGITS:
-            return None
-        tokens.append(m.group("num") or m.group("sym"))
-        pos = m.end()
+    tokens = _tokens(s, _ARITH_TOKEN_RE)
     if not tokens:
         return None
-    i = 0
+    parser = _ArithParser(tokens)
+    value = parser.expr()
+    return value if value is not None and parser.i == len(tokens) else None
 
-    def peek() -> str | None:
-        return tokens[i] if i < len(tokens) else None
 
-    def chain(operand, ops: tuple[str, ...]) -> Fraction | None:
+class _ArithParser(_Parser):
+    """Recursive descent over the tokens of integer arithmetic (see :func:`arithmetic_value`)."""
+
+    def chain(self, operand, ops: tuple[str, ...]) -> Fraction | None:
         """operand (op operand)*, left to right; None on anything else or a division by zero."""
-        nonlocal i
         value = operand()
-        while value is not None and peek() in ops:
-            op = _ARITH_OPS[tokens[i]]
-            i += 1
+        while value is not None and (t := self.peek()) is not None and t[1] in ops:
+            self.i += 1
             rhs = operand()
-            if rhs is None or (op is operator.truediv and rhs == 0):
+            if rhs is None or (t[1] == "/" and rhs == 0):
                 return None
-            value = op(value, rhs)
+            value = _ARITH_OPS[t[1]](value, rhs)
         return value
 
-    def expr() -> Fraction | None:
-        return chain(term, ("+", "-"))
+    def expr(self) -> Fraction | None:
+        return self.chain(self.term, ("+", "-"))
 
-    def term() -> Fraction | None:
-        return chain(atom, ("*", "/"))
+    def term(self) -> Fraction | None:
+        return self.chain(self.atom, ("*", "/"))
 
-    def atom() -> Fraction | None:
-        nonlocal i
-        t = peek()
-        if t is None:
-            return None
-        i += 1
-        if t == "-":  # a sign, also after an operator (3*-2): -(a*b) = (-a)*b, so it binds where it likes
-            value = atom()
+    def atom(self) -> Fraction | None:
+        if self.take("-"):  # a sign, also after an operator (3*-2): -(a*b) = (-a)*b, so it binds where it likes
+            value = self.atom()
             return None if value is None else -value
-        if t == "(":
-            value = expr()
-            if value is None or peek() != ")":
-                return None
-            i += 1
-            return value
-        return Fraction(int(t)) if t.isdigit() else None
-
-    value = expr()
-    return value if value is not None and i == len(tokens) else None
+        if self.take("("):
+            value = self.expr()
+            return value if value is not None and self.take(")") else None
+        t = self.peek()
+        if t is None or t[0] != "num" or len(t[1]) > _MAX_INT_DIGITS:
+            return None
+        self.i += 1
+        return Fraction(int(t[1]))
 
 
 def _int_tuple(tokens: list[tuple[str, str]]) -> tuple[int, ...] | None:
