@@ -79,3 +79,29 @@ def test_shipped_weights_give_their_reported_accuracy(default_cfg):
         reward_fn.close()
     for k in ("acc_greedy", "acc_t1"):
         assert ev[k] == pytest.approx(final[k], abs=2 / ws.eval_problems + 1e-9), (k, ev[k], final[k])
+
+
+def test_a_short_warm_start_evaluates_no_more_than_its_eval_problems(tmp_path, monkeypatch):
+    """The learning-curve evaluations inside a warm start (at 1/4, 1/2, 3/4 of its steps) take at
+    most `model.warmstart.eval_problems` problems: a 4-step warm start with eval_problems=4 used to
+    run three 256-problem evaluations, most of its time (every toy-size preset test trains one)."""
+    import occ_exp.warmstart as ws_mod
+
+    sizes: list[int] = []
+    real = ws_mod.evaluate_samples
+
+    def counted(policy, tok, task, reward_fn, n, *a, **k):
+        sizes.append(n)
+        return real(policy, tok, task, reward_fn, n, *a, **k)
+
+    monkeypatch.setattr(ws_mod, "evaluate_samples", counted)
+    cfg = compose_cfg(["model.warmstart.steps=4", "model.warmstart.batch_size=8", "model.warmstart.eval_problems=4"])
+    policy, tok = build_tiny_policy(cfg.model, seed=cfg.model.warmstart.seed)
+    reward_fn = build_reward(cfg.data)
+    try:
+        report = warm_start(policy, tok, build_task(cfg.data), cfg.model, cfg.data, tmp_path, torch.device("cpu"),
+                            reward_fn, log=lambda *_: None, use_shipped=False)
+    finally:
+        reward_fn.close()
+    assert [h["step"] for h in report["history"]] == [1, 2, 3, 4]  # the curve's points are kept
+    assert sizes == [4, 4, 4, 4]

@@ -141,6 +141,11 @@ def warm_start(policy, tokenizer, task, model_cfg, data_cfg, cache_dir, device, 
         return report
 
 
+# held-out problems of each learning-curve point (1/4, 1/2, 3/4 of the steps), at most the final
+# evaluation's `eval_problems` (the default recipe's 500 gives 256, as in the shipped report)
+CURVE_PROBLEMS = 256
+
+
 def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
     rng = random.Random(ws.seed)
     torch.manual_seed(ws.seed)
@@ -168,7 +173,8 @@ def _train(policy, tokenizer, task, ws, device, reward_fn, log) -> dict:
         ema = ce_main if ema is None else 0.98 * ema + 0.02 * ce_main
         bar.set_postfix(ce=f"{ema:.3f}", mtp=f"{ce_mtp[0]:.3f}")
         if step + 1 in checkpoints:
-            ev = evaluate_samples(policy, tokenizer, task, reward_fn, 256, device, seed=ws.seed)
+            ev = evaluate_samples(policy, tokenizer, task, reward_fn, min(CURVE_PROBLEMS, ws.eval_problems), device,
+                                  seed=ws.seed)
             history.append({"step": step + 1, "ce_main": ema, "ce_mtp": ce_mtp, **ev})
             policy.train()
     final = evaluate_samples(policy, tokenizer, task, reward_fn, ws.eval_problems, device, seed=ws.seed)
