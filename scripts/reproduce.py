@@ -178,28 +178,31 @@ def run_sweeps(sweeps: list[Sweep], args) -> None:
     their wall time to the folder's wall.json. Nothing runs under --report-only."""
     if OPTS.report_only:
         return
+    todo = [(sw, over) for sw in selected(sweeps)
+            for over in sw.overrides({(cell_label(r), r.seed) for r in load([sw.folder])})]  # less the finished runs
+    if not todo:
+        print(f"every run is finished: {', '.join(dict.fromkeys(sw.folder for sw in selected(sweeps)))}", flush=True)
+        return
     if not OPTS.warm:  # once per invocation (`all` runs several tables)
         warm_start(args)
         OPTS.warm = True
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            JOBS_ENV: str(args.jobs)}  # each run's default threads: its share of the cores (occ_exp.runtime)
     steps = [f"trainer.total_steps={args.steps}"]
-    for sw in selected(sweeps):
+    for sw, over in todo:
         out = RUNS / sw.folder
-        done = {(cell_label(r), r.seed) for r in load([sw.folder])}  # finished runs
-        for over in sw.overrides(done):
-            t0 = time.time()
-            try:
-                regime = over[0].removeprefix("regime=")  # one regime when it has REGIME_OVERRIDES
-                sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
-                    *OPTS.overrides, *REGIME_OVERRIDES.get(regime, []),  # last: they win over --override
-                    "hydra/launcher=parallel",
-                    f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
-                    f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
-                   env=env)
-            finally:  # wall time over every invocation (a resumed sweep adds to it; finished runs cost seconds)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "wall.json").write_text(json.dumps({"seconds": run_seconds(out) + time.time() - t0}))
+        t0 = time.time()
+        try:
+            regime = over[0].removeprefix("regime=")  # one regime when it has REGIME_OVERRIDES
+            sh([sys.executable, "-m", "occ_exp.train", "-m", f"experiment={experiment(args.quick)}", *over, *steps,
+                *OPTS.overrides, *REGIME_OVERRIDES.get(regime, []),  # last: they win over --override
+                "hydra/launcher=parallel",
+                f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out}",
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dirname_excluded())}]"],
+               env=env)
+        finally:  # wall time over every invocation (a resumed sweep adds to it; finished runs cost seconds)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "wall.json").write_text(json.dumps({"seconds": run_seconds(out) + time.time() - t0}))
 
 
 def dirname_excluded() -> list[str]:

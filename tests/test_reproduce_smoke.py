@@ -38,6 +38,7 @@ def test_reproduce_table1_smallest_size_end_to_end_and_resume(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     assert {e: e.stat().st_mtime for e in evals} == before
+    assert "occ_exp.train" not in p.stdout and "every run is finished" in p.stdout  # not even the warm start
     # every results file from the runs there; Table 2's own cells are named as missing
     p = subprocess.run([sys.executable, "scripts/reproduce.py", "all", *SMALL, *where, "--report-only"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=1800)
