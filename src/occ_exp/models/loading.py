@@ -30,6 +30,7 @@ tensors the run did not change are byte-identical to the source's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -206,12 +207,8 @@ def read_config_json(cfg_path: Path) -> dict:
     return raw
 
 
-def read_config(folder: Path, gguf_file: str | None = None) -> tuple[PretrainedConfig, str]:
-    """The trunk's transformers config and the checkpoint's kind (mimo, hf or gguf)."""
-    if gguf_file:
-        if not (folder / gguf_file).is_file():
-            raise CheckpointError(f"model.gguf_file={gguf_file}: no such file in {folder}")
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file), "gguf"
+def read_config(folder: Path) -> tuple[PretrainedConfig, str]:
+    """The trunk's transformers config and the checkpoint's kind (mimo or hf) of a model folder."""
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json; expected a Hugging Face model folder "
@@ -235,6 +232,8 @@ def read_config(folder: Path, gguf_file: str | None = None) -> tuple[PretrainedC
 def _gguf_trunk(folder: Path, gguf_file: str, cache_dir: str | os.PathLike | None, log) -> Path:
     """A float Hugging Face folder converted from a GGUF file, cached by the file's identity."""
     src = folder / gguf_file
+    if not src.is_file():
+        raise CheckpointError(f"model.gguf_file={gguf_file}: no such file in {folder}")
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     if cache_dir is None:
@@ -243,10 +242,10 @@ def _gguf_trunk(folder: Path, gguf_file: str, cache_dir: str | os.PathLike | Non
     with file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").exists():
             log(f"converting {src.name} to a float Hugging Face folder under {out} (once)")
-            config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
             quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
             # a model loaded from GGUF is marked quantized and refuses save_pretrained: copy its
             # (already dequantised) weights into a plain model of the same config
+            config = copy.deepcopy(quantized.config)
             config.__dict__.pop("quantization_config", None)
             lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             lm.load_state_dict(quantized.state_dict(), strict=True)
@@ -309,10 +308,13 @@ def load_pretrained(
     folder = resolve_model_dir(path)
     if verify:
         verify_model_folder(folder, log)
-    config, kind = read_config(folder, gguf_file)
+    if gguf_file:  # its float conversion (cached) has the config: the GGUF file is read only to convert it
+        weights_dir = _gguf_trunk(folder, gguf_file, cache_dir, log)
+        config, kind = AutoConfig.from_pretrained(weights_dir), "gguf"
+    else:
+        (config, kind), weights_dir = read_config(folder), folder
     if expected_config is not None:
         _check_sizes(path, config, expected_config)
-    weights_dir = _gguf_trunk(folder, gguf_file, cache_dir, log) if kind == "gguf" else folder
     k_ckpt = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
     if kind == "hf" and k_ckpt:
         kind = "occ_exp"
