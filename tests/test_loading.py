@@ -188,3 +188,9 @@ def test_smollm2_gguf_loads_with_fresh_heads(cache_dir, tmp_path, monkeypatch):
     load_pretrained(m.path, gguf_file=m.gguf_file, cache_dir=cache_dir, log=again.append)
     assert not any("converting" in x for x in again)
     assert not parses  # the converted folder has its config and tokenizer
+
+
+def test_a_missing_gguf_file_is_one_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"model.gguf_file=nope.gguf: no such file in"):
+        load_pretrained(tmp_path, gguf_file="nope.gguf", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing written
