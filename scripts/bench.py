@@ -802,6 +802,14 @@ def _num(x, fmt=".2f") -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else str(x)
 
 
+def _by_source(merged: dict) -> list[tuple[str, list[str]]]:
+    """Kept sections grouped by the run that made them."""
+    out: dict[str, list[str]] = {}
+    for k, src in merged["kept_from"].items():
+        out.setdefault(src, []).append(k)
+    return list(out.items())
+
+
 def write_report(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))
@@ -819,13 +827,14 @@ def write_report(res: dict, out: Path) -> None:
          + (" -- the machine was shared with other work: wall-clock figures are noisy; every ratio was measured "
             "side by side in this run, and the step ratio is also given in CPU time" if shared else ""),
          "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f", python {m['python']}",
-         (f"- fp32 matmul peak measured in this run: **{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
+         (f"- fp32 matmul peak measured {'in this run' if 'matmul' not in res.get('merged', {}).get('kept', []) else 'by the run that made it'}"
+          f": **{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
           if peak else f"- matmul peak: {res.get('matmul', 'not run')}"),
          f"- settings: {res['settings']}",
-         *([f"- sections {', '.join(res['merged']['rerun'])} re-run here; {', '.join(res['merged']['kept'])} kept from "
-            f"`{res['merged']['from_command']}` at commit `{res['merged'].get('from_commit', 'not recorded')}` "
-            f"({res['merged']['from_date']}): each ratio is still measured "
-            "within one section's run"] if res.get("merged") else []),
+         *([f"- sections {', '.join(res['merged']['rerun'])} re-run here; the others kept from the runs that made "
+            "them (each ratio is still measured within one section's run): "
+            + "; ".join(f"{', '.join(ks)} from {src}" for src, ks in _by_source(res["merged"]))]
+           if res.get("merged") else []),
          "", "## Headline figures", "",
          "| figure | value |", "|---|---|"]
     L.append(f"| `trl_over_ours_step` (wall clock) | {verdict('trl_over_ours_step', fs.get('trl_over_ours_step', fs.get('error', 'not run')))} |")
@@ -1018,18 +1027,42 @@ def main() -> None:
             res["threads"] = guarded("two runs side by side: default vs manual threads", threads_section, args, work)
     res["machine"]["load_after"] = load_avg()
     res["wall_s"] = time.perf_counter() - t0
+    stamp_sections(res)
     earlier = Path(args.out) / "bench.json"
     if args.merge and only and earlier.exists():  # keep the sections not re-run from the earlier report
-        old = json.loads(earlier.read_text())
-        kept = [k for k in ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm", "default_step", "first_rl_step",
-                            "threads", "test_suite") if k in old and k not in res]
-        for k in kept:
-            res[k] = old[k]
-        res["merged"] = {"rerun": sorted(only), "kept": kept, "from_command": old.get("command"),
-                         "from_commit": old.get("commit", "not recorded"), "from_date": old.get("date")}
+        merge_earlier(res, json.loads(earlier.read_text()))
     res["notes"] += NOTES
     write_report(res, Path(args.out))
     print(f"[bench] wrote {args.out}/bench.json and bench.md in {res['wall_s']:.0f} s")
+
+
+SECTIONS = ("matmul", "full_step", "memory", "mtp_cost", "learner", "vllm", "default_step", "first_rl_step", "threads",
+            "test_suite")
+
+
+def stamp_sections(res: dict) -> None:
+    """Each section this run made records the command, commit and date that made it (`made_by`)."""
+    made_by = {k: res.get(k) for k in ("command", "commit", "date")}
+    for k in SECTIONS:
+        if isinstance(res.get(k), dict):
+            res[k]["made_by"] = made_by
+
+
+def merge_earlier(res: dict, old: dict) -> None:
+    """Keep the sections of an earlier report that this run did not re-run, each with the command and
+    commit that made it (a report from before the stamps: its own run's)."""
+    kept = [k for k in SECTIONS if k in old and k not in res]
+    fallback = {k: old.get(k, "not recorded") for k in ("command", "commit", "date")}
+    for k in kept:
+        res[k] = old[k]
+        if isinstance(res[k], dict):
+            res[k].setdefault("made_by", fallback)
+    res["merged"] = {"rerun": [k for k in SECTIONS if k in res and k not in kept], "kept": kept,
+                     "kept_from": {k: _source(res[k]["made_by"] if isinstance(res[k], dict) else fallback) for k in kept}}
+
+
+def _source(made_by: dict) -> str:
+    return f"`{made_by['command']}` at commit `{made_by['commit']}` ({made_by['date']})"
 
 
 NOTES = [

@@ -54,6 +54,33 @@ def test_the_benchmark_report_names_its_commit(tmp_path):
     assert "Command: `python scripts/bench.py --only matmul` at commit `abc1234`" in (tmp_path / "bench.md").read_text()
 
 
+def test_a_merged_benchmark_names_each_kept_section_by_the_run_that_made_it(tmp_path):
+    """`bench.py --only X --merge` twice: the sections kept from two runs back are named by that
+    run's command and commit, not by the run just before (which only carried them over)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(command, commit, sections, earlier):
+        res = {"command": command, "commit": commit, "date": commit + "-date", **{k: {"v": commit} for k in sections}}
+        bench.stamp_sections(res)
+        if earlier:
+            bench.merge_earlier(res, earlier)
+        return res
+
+    first = run("bench --only default_step", "c1", ["default_step"], None)
+    second = run("bench --only test_suite --merge", "c2", ["test_suite"], first)
+    third = run("bench --only matmul --merge", "c3", ["matmul"], second)
+    assert third["default_step"]["made_by"]["commit"] == "c1" and third["test_suite"]["made_by"]["commit"] == "c2"
+    assert third["merged"]["kept_from"] == {"default_step": "`bench --only default_step` at commit `c1` (c1-date)",
+                                            "test_suite": "`bench --only test_suite --merge` at commit `c2` (c2-date)"}
+    # a report written before the stamps: its sections are its own run's
+    legacy = {"command": "old", "commit": "c0", "date": "d0", "vllm": {"v": 0}}
+    res = run("bench --only matmul --merge", "c4", ["matmul"], legacy)
+    assert res["merged"]["kept_from"] == {"vllm": "`old` at commit `c0` (d0)"}
+
+
 def test_a_run_records_the_commit_of_each_start_and_resume(smoke_overrides, tmp_path):
     """A run resumed across sessions may span commits: the run folder names each one with its step."""
     import json
