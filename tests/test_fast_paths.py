@@ -185,3 +185,35 @@ def test_compiled_learner_equals_eager(tiny_policy):
     assert max((a - b).abs().max().item() for a, b in zip(p0, p1)) < 1e-5
     for k in ("train/loss", "mtp/coef_last", "mtp/acceptance"):
         assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), k
+
+
+def test_the_step_profile_counts_the_cache_the_decode_loop_reads(tiny_policy, monkeypatch):
+    """scripts/profile_step.py rates the decode's attention by the KV-cache bytes it reads: its count
+    equals the keys and values the loop's cache hands to attention, step by step (min_new_tokens keeps
+    every row going, as in the bench's work)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from occ_exp.rollout.decode import DecodeCache
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("profile_step", scripts / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    assert "bench" in sys.modules  # it runs the bench's work
+
+    read = []
+    real_update = DecodeCache.update
+
+    def counted(self, *a, **k):
+        keys, values = real_update(self, *a, **k)
+        read.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
+        return keys, values
+
+    monkeypatch.setattr(DecodeCache, "update", counted)
+    policy, tok = tiny_policy
+    b = engine(policy, tok, max_new_tokens=20, min_new_tokens=20).generate(PROMPTS, 2)
+    prompt_len = b.input_ids.shape[1] - b.response_len
+    assert sum(read) == profile_step.kv_bytes_read(prompt_len, 20, len(PROMPTS) * 2, policy.lm.config)
