@@ -818,6 +818,7 @@ def write_report(res: dict, out: Path) -> None:
     lt, vl = res.get("learner", {}), res.get("vllm", {})
     shared = max(m["load_before"][0], m["load_after"][0]) > 1.5
     peak = res.get("matmul", {}).get("flop_per_s")
+    kept = res.get("merged", {}).get("kept", [])
     L = ["# Performance benchmark", "",
          f"Command: `{res['command']}` at commit `{res.get('commit', 'not recorded')}` ({res['date']}, "
          f"{res['wall_s']:.0f} s in all)", "",
@@ -827,8 +828,8 @@ def write_report(res: dict, out: Path) -> None:
          + (" -- the machine was shared with other work: wall-clock figures are noisy; every ratio was measured "
             "side by side in this run, and the step ratio is also given in CPU time" if shared else ""),
          "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f", python {m['python']}",
-         (f"- fp32 matmul peak measured {'in this run' if 'matmul' not in res.get('merged', {}).get('kept', []) else 'by the run that made it'}"
-          f": **{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
+         (f"- fp32 matmul peak measured {'by the run that made it' if 'matmul' in kept else 'in this run'}: "
+          f"**{peak / 1e9:.0f} GFLOP/s** ({res['matmul']['summary']})"
           if peak else f"- matmul peak: {res.get('matmul', 'not run')}"),
          f"- settings: {res['settings']}",
          *([f"- sections {', '.join(res['merged']['rerun'])} re-run here; the others kept from the runs that made "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,26 +34,21 @@ MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
 
 
-def best_of(fn, reps: int) -> float:
-    times = []
+def timings(fn, reps: int) -> list[float]:
+    """Wall seconds of `reps` calls of `fn`."""
+    out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def matmul_peak(reps: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    return 2 * 2048 ** 3 / best_of(lambda: a @ b, reps)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def copy_bandwidth(reps: int) -> float:
-    """Bytes read + written per second by a 128 MiB copy."""
+    """Bytes read + written per second by a 128 MiB copy (the best of `reps`, as a peak)."""
     src, dst = torch.randn(32 << 20), torch.empty(32 << 20)
     dst.copy_(src)
-    return 2 * src.numel() * 4 / best_of(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / min(timings(lambda: dst.copy_(src), reps))
 
 
 def self_seconds(prof, names) -> float:
@@ -86,7 +80,7 @@ def main() -> None:
         learner_update(*learner[:4], batch, cfg, learner[4], torch.Generator().manual_seed(0))
 
     update()
-    update_s = statistics.median(best_of(update, 1) for _ in range(args.reps))  # before the counter's pass
+    update_s = B.median(timings(update, args.reps))  # before the counter's pass
     counter = FlopCounterMode(display=False)
     with counter:
         update()
@@ -99,14 +93,14 @@ def main() -> None:
     prompts = [p.prompt for p in PromptStream(build_task(cfg.data), 0).next(B.PROMPTS)]
     ro = build_rollout(cfg.rollout, policy, tok, "cpu")
     ro.generate(prompts, B.GROUP)
-    rollout_s = statistics.median(best_of(lambda: ro.generate(prompts, B.GROUP), 1) for _ in range(args.reps))
+    rollout_s = B.median(timings(lambda: ro.generate(prompts, B.GROUP), args.reps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         b = ro.generate(prompts, B.GROUP)
     attn_s = self_seconds(prof, ATTENTION_OPS)
     prompt_len = b.input_ids.shape[1] - b.response_len
     kv = kv_bytes_read(prompt_len, B.NEW_TOKENS, B.PROMPTS * B.GROUP, policy.lm.config)
 
-    peak, bandwidth = matmul_peak(args.reps), copy_bandwidth(args.reps)
+    peak, bandwidth = B.matmul_peak(2048, args.reps)["flop_per_s"], copy_bandwidth(args.reps)
     res = {
         "command": "python scripts/profile_step.py " + " ".join(sys.argv[1:]), "commit": code_commit(REPO),
         "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "load_avg": list(os.getloadavg()),

@@ -41,11 +41,17 @@ def test_no_script_asks_git_for_the_commit_itself():
     assert own == []
 
 
-def test_the_benchmark_report_names_its_commit(tmp_path):
+def load_bench():
+    """scripts/bench.py as a module (a script, not part of the package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmark_report_names_its_commit(tmp_path):
+    bench = load_bench()
     machine = {"cpu": "x", "cpus": 2, "threads": 1, "load_before": [0.1] * 3, "load_after": [0.2] * 3,
                "versions": {"torch": "t"}, "python": "3"}
     res = {"command": "python scripts/bench.py --only matmul", "commit": "abc1234", "date": "d", "wall_s": 1.0,
@@ -57,10 +63,7 @@ def test_the_benchmark_report_names_its_commit(tmp_path):
 def test_a_merged_benchmark_names_each_kept_section_by_the_run_that_made_it(tmp_path):
     """`bench.py --only X --merge` twice: the sections kept from two runs back are named by that
     run's command and commit, not by the run just before (which only carried them over)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
 
     def run(command, commit, sections, earlier):
         res = {"command": command, "commit": commit, "date": commit + "-date", **{k: {"v": commit} for k in sections}}
